@@ -1,0 +1,152 @@
+"""Prompt-ingestion speed: a bare llama-cpp-python decode loop, the engine's plain path, and SelfExtend.
+
+One run, one prompt (the pydoc text), one context size and chunk size for every method. The methods run
+in lockstep, chunk by chunk in rotating order, each in its own context, so that the noise of this shared
+machine falls on all of them alike. With --repeats R the whole pass is repeated, and each method's time
+is the sum over chunks of that chunk's fastest run (noise only ever adds time).
+
+    python scripts/bench_ingest.py --tokens 8192
+    python scripts/bench_ingest.py --tokens 32768 --group 4 --window 2048 --gpu-layers 99   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import llama_cpp
+
+from selfextend_local.corpus import long_tokens
+from selfextend_local.engine import load_model
+from selfextend_local.planning import Plan
+from selfextend_local.session import Session
+from selfextend_local.settings import RuntimeSettings
+
+
+class BareLoop:
+    """What a user would write with llama-cpp-python alone: chunks at explicit positions, last logits."""
+
+    def __init__(self, model, n_ctx: int, runtime: RuntimeSettings) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = runtime.batch
+        params.n_ubatch = min(runtime.batch, 512)
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = runtime.threads
+        self.ctx = llama_cpp.llama_init_from_model(model.handle, params)
+        self.batch = llama_cpp.llama_batch_init(runtime.batch, 0, 1)
+        self.n_past = 0
+        self.division = "-"
+
+    def ingest(self, part: list[int], last: bool) -> None:
+        batch = self.batch
+        batch.n_tokens = len(part)
+        for i, token in enumerate(part):
+            batch.token[i] = token
+            batch.pos[i] = self.n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = last and i == len(part) - 1
+        if llama_cpp.llama_decode(self.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        llama_cpp.llama_synchronize(self.ctx)
+        self.n_past += len(part)
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+
+
+class EngineRun:
+    """The engine's session: plain when group is 1, else SelfExtend with the given schedule."""
+
+    def __init__(self, model, n_ctx: int, runtime: RuntimeSettings, group: int, window: int, schedule: str) -> None:
+        plan = Plan(group, window, schedule, "auto", n_ctx, model.info.n_ctx_train, "benchmark")
+        self.session = Session(model, plan, runtime)
+        self.division = self.session.divider.name if self.session.divider else "-"
+
+    def ingest(self, part: list[int], last: bool) -> None:
+        self.session.ingest(part)
+        llama_cpp.llama_synchronize(self.session.ctx)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def lockstep_pass(runners: dict, tokens: list[int], chunk: int) -> dict[str, list[float]]:
+    """Feed every runner the same chunks, rotating who goes first; seconds per chunk per runner."""
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for k, offset in enumerate(range(0, len(tokens), chunk)):
+        part = tokens[offset : offset + chunk]
+        last = offset + chunk >= len(tokens)
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            start = time.perf_counter()
+            runners[name].ingest(part, last)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M Q4_1")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--gpu-layers", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+
+    runtime = RuntimeSettings(
+        gpu_layers=args.gpu_layers, batch=args.batch, **({"threads": args.threads} if args.threads else {})
+    )
+    model = load_model(args.model, runtime)
+    tokens = long_tokens(model, args.tokens)
+    n_ctx = -(-args.tokens // 256) * 256
+    G, W = args.group, args.window
+    makers = {
+        "bare llama-cpp-python loop": lambda: BareLoop(model, n_ctx, runtime),
+        "engine plain": lambda: EngineRun(model, n_ctx, runtime, 1, W, "neighbor"),
+        f"neighbor G{G} W{W}": lambda: EngineRun(model, n_ctx, runtime, G, W, "neighbor"),
+        f"llamacpp G{G} W{W}": lambda: EngineRun(model, n_ctx, runtime, G, W, "llamacpp"),
+    }
+    times: dict[str, list[list[float]]] = {name: [] for name in makers}
+    division = "-"
+    for r in range(args.repeats):
+        runners = {name: make() for name, make in makers.items()}
+        division = next((x.division for x in runners.values() if x.division != "-"), division)
+        try:
+            for name, chunks in lockstep_pass(runners, tokens, runtime.batch).items():
+                times[name].append(chunks)
+                total = sum(chunks)
+                print(f"  pass {r + 1}: {name:28s} {total:7.2f} s  {len(tokens) / total:8.1f} tok/s", file=sys.stderr)
+        finally:
+            for runner in runners.values():
+                runner.close()
+
+    tps = {name: len(tokens) / sum(map(min, zip(*passes))) for name, passes in times.items()}
+    plain = tps["engine plain"]
+    names = list(makers)
+    print(
+        f"\n{len(tokens)} tokens, context {n_ctx}, chunk {runtime.batch}, threads {runtime.threads}, "
+        f"gpu layers {runtime.gpu_layers}, division {division}, lockstep, fastest of {args.repeats} per chunk"
+    )
+    print(f"{'method':30s} {'tok/s':>9s} {'ratio to plain':>15s}")
+    for name in names:
+        print(f"{name:30s} {tps[name]:9.1f} {tps[name] / plain:15.3f}")
+    print(f"\nengine plain / bare loop: {plain / tps[names[0]]:.3f}")
+    for name in names[2:]:
+        print(f"{name} / engine plain: {tps[name] / plain:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tokens": len(tokens), "chunk_seconds": times, "tokens_per_second": tps}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The ``selfextend-local`` command: one Click group whose commands load their modules on demand."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import click
+
+from ..errors import BadInputError, SelfExtendError
+
+DEBUG_ENV = "SELFEXTEND_LOCAL_DEBUG"
+
+# name -> "module:function"; a command's module is imported only when it runs, so --help is instant.
+COMMANDS = {
+    "info": "run:info",
+    "generate": "run:generate",
+    "chat": "run:chat",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports each command's module when the command is looked up, and is the one error boundary."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SelfExtendError as exc:
+            if ctx.meta.get("selfextend.debug") or os.environ.get(DEBUG_ENV):
+                raise
+            message = str(exc)
+            if isinstance(exc, BadInputError):
+                raise click.UsageError(message) from None
+            raise click.ClickException(message) from None
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="selfextend-local")
+def main() -> None:
+    """Run GGUF models on inputs longer than their training context, with SelfExtend on llama.cpp."""

@@ -1,0 +1,96 @@
+"""Rendering for the terminal: progress bars and logs on stderr, answers on stdout, Ctrl-C as a flag."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+
+
+def log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def is_verbose() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.meta.get("selfextend.verbose"))
+
+
+def note(message: str) -> None:
+    """A detail shown only with --verbose."""
+    if is_verbose():
+        log(message)
+
+
+class IngestProgress:
+    """A ``(done, total)`` callback drawing a bar with tokens/s on stderr (drawn only on a terminal)."""
+
+    def __init__(self, label: str = "ingesting") -> None:
+        self.label = label
+        self.bar = None
+        self.start = 0.0
+        self.done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.start = time.perf_counter()
+            self.bar = click.progressbar(
+                length=total, label=self.label, file=sys.stderr, show_pos=True, item_show_func=self._rate
+            )
+            self.bar.__enter__()
+            self.first = done
+        self.bar.update(done - self.done, done)
+        self.done = done
+        if done >= total:
+            self.close()
+
+    def _rate(self, done: int | None) -> str:
+        seconds = time.perf_counter() - self.start
+        if not done or seconds <= 0:
+            return ""
+        return f"{(done - self.first) / seconds:,.0f} tok/s"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+class StopFlag:
+    """Set by Ctrl-C while a reply streams; the engine polls it between tokens and chunks."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __call__(self) -> bool:
+        return self.raised
+
+
+@contextmanager
+def ctrl_c_stops() -> Iterator[StopFlag]:
+    """Within the block the first Ctrl-C only sets the flag; a second one interrupts as usual."""
+    flag = StopFlag()
+
+    def handler(signum, frame):
+        if flag.raised:
+            raise KeyboardInterrupt
+        flag.raised = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stats_line(chunk, plan_text: str) -> str:
+    reused = f", {chunk.reused_tokens} reused" if chunk.reused_tokens else ""
+    return (
+        f"prompt {chunk.prompt_tokens} tokens{reused} in {chunk.prompt_seconds:.2f} s ({chunk.prompt_tps:,.0f} tok/s); "
+        f"{chunk.generated_tokens} tokens in {chunk.generate_seconds:.2f} s ({chunk.generate_tps:,.1f} tok/s); "
+        f"finish: {chunk.finish_reason}; {plan_text}"
+    )

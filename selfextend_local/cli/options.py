@@ -1,0 +1,132 @@
+"""Options shared by several commands, defined once: each has one name and one default everywhere."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import click
+
+from ..settings import DIVISIONS, KV_TYPES, SCHEDULES, ExtendSettings, RuntimeSettings, SamplingSettings
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta["selfextend.debug"] = True
+    return value
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta["selfextend.verbose"] = True
+    return value
+
+
+def _bundle(name: str, options: list, build: Callable[..., object]) -> Callable:
+    """Add ``options`` to a command and hand it one object built from their values, as ``name``.
+
+    ``build``'s parameter names are the options' names.
+    """
+    keys = list(inspect.signature(build).parameters)
+
+    def decorator(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            values = {key: kwargs.pop(key) for key in keys}
+            kwargs[name] = build(**values)
+            return f(*args, **kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorator
+
+
+model_option = click.option(
+    "--model",
+    "-m",
+    default=None,
+    metavar="MODEL",
+    help="A .gguf path, a local model name, a known name, or REPO:QUANT (downloads). Default: bundled SmolLM2-135M.",
+)
+
+runtime_options = _bundle(
+    "runtime",
+    [
+        click.option("--ctx", type=int, default=None, help="Context cells to allocate. Default: what the input needs."),
+        click.option("--threads", type=int, default=None, help="CPU threads. Default: the cores available."),
+        click.option(
+            "--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (CUDA/Metal builds)."
+        ),
+        click.option(
+            "--batch", type=int, default=512, show_default=True, help="Prompt tokens per decode (chunk size)."
+        ),
+        click.option("--kv-type", type=click.Choice(KV_TYPES), default="f16", show_default=True, help="KV cache type."),
+    ],
+    lambda ctx, threads, gpu_layers, batch, kv_type: RuntimeSettings(
+        ctx=ctx,
+        gpu_layers=gpu_layers,
+        batch=batch,
+        kv_type=kv_type,
+        **({"threads": threads} if threads is not None else {}),
+    ),
+)
+
+extend_options = _bundle(
+    "extend",
+    [
+        click.option("--group", "-g", type=int, default=None, help="Group size G. Default: planned for the input."),
+        click.option("--window", "-w", type=int, default=None, help="Neighbor window W. Default: planned."),
+        click.option(
+            "--schedule",
+            type=click.Choice(SCHEDULES),
+            default="neighbor",
+            show_default=True,
+            help="Position schedule: ours (neighbor) or llama.cpp's completion tool (llamacpp).",
+        ),
+        click.option(
+            "--division",
+            type=click.Choice(DIVISIONS),
+            default="auto",
+            show_default=True,
+            help="Position division: probe and choose (auto), llama.cpp's seq_div, or seq_add emulation.",
+        ),
+    ],
+    lambda group, window, schedule, division: ExtendSettings(group, window, schedule, division),
+)
+
+sampling_options = _bundle(
+    "sampling",
+    [
+        click.option("--temperature", "--temp", type=float, default=0.7, show_default=True, help="0 means greedy."),
+        click.option("--top-k", type=int, default=40, show_default=True, help="0 turns top-k off."),
+        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--seed", type=int, default=None, help="Random seed. Default: a fresh one each run."),
+        click.option("--max-tokens", "-n", type=int, default=256, show_default=True, help="Most tokens to generate."),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+    ],
+    lambda temperature, top_k, top_p, seed, max_tokens, stop: SamplingSettings(
+        temperature, top_k, top_p, seed, max_tokens, tuple(stop)
+    ),
+)
+
+
+def log_options(f: Callable) -> Callable:
+    """--verbose and --debug: llama.cpp's log and our details on stderr; tracebacks on errors."""
+    f = click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_debug,
+        is_eager=True,
+        help="Show tracebacks on errors.",
+    )(f)
+    return click.option(
+        "--verbose",
+        "-v",
+        is_flag=True,
+        callback=_set_verbose,
+        help="Show llama.cpp's log, the plan and the division in use.",
+    )(f)

@@ -1,0 +1,108 @@
+"""Grouped-position division on the KV cache: llama.cpp's native call, or an emulation by shifts.
+
+``llama_memory_seq_div`` in the llama.cpp that llama-cpp-python 0.3.36 vendors records the K-shift of
+a divided cell as ``old - new`` instead of ``new - old``, so grouped keys end up rotated to about
+``2*old - new``. ``seq_add`` is correct. A cheap probe on the loaded model tells which build we have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import llama_cpp
+
+from .errors import BadInputError
+from .metrics import kl_divergence
+
+if TYPE_CHECKING:
+    from .session import Session
+
+_PROBE_TEXT = (
+    "The committee met on a grey morning to read the letters again, one by one, "
+    "while the rain kept falling on the old library roof and nobody spoke."
+)
+_PROBE_GROUP = 4
+_PROBE_TOKENS = 32
+_PROBE_MAX_KL = 1e-3
+
+
+def divide_native(mem, p0: int, p1: int, d: int) -> None:
+    llama_cpp.llama_memory_seq_div(mem, 0, p0, p1, d)
+
+
+def divide_emulated(mem, p0: int, p1: int, d: int) -> None:
+    """Move each position ``p`` of ``[p0, p1)`` to ``p // d``, lowest first, with ``seq_add``.
+
+    Targets never land on a position not yet moved, because ``p // d <= p``.
+    """
+    seq_add = llama_cpp.llama_memory_seq_add
+    for p in range(max(p0, 0), p1):
+        q = p // d
+        if q != p:
+            seq_add(mem, 0, p, p + 1, q - p)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Whether native division gave the same next-token distribution as the emulation."""
+
+    native_correct: bool
+    kl: float
+
+    def describe(self) -> str:
+        verdict = "correct" if self.native_correct else "DEFECTIVE (wrong K-shift sign)"
+        return f"native llama_memory_seq_div is {verdict} in this llama.cpp (probe KL {self.kl:.3g})"
+
+
+@dataclass(frozen=True)
+class Divider:
+    """The division in use, and why."""
+
+    name: str
+    reason: str
+    probe: ProbeResult | None = None
+
+    def divide(self, mem, p0: int, p1: int, d: int) -> None:
+        (divide_native if self.name == "native" else divide_emulated)(mem, p0, p1, d)
+
+
+_probe_cache: dict[str, ProbeResult] = {}
+
+
+def probe(session: Session) -> ProbeResult:
+    """Decode a few tokens, divide their positions natively and by emulation, compare the next logits.
+
+    Runs on the session's empty context and leaves it empty. The result is a property of the
+    llama.cpp build, so it is cached for the process.
+    """
+    if "result" in _probe_cache:
+        return _probe_cache["result"]
+    tokens = session.model.tokenize(_PROBE_TEXT, add_special=False)
+    tokens = (tokens * (_PROBE_TOKENS // max(len(tokens), 1) + 2))[: _PROBE_TOKENS + 1]
+    query_pos = (_PROBE_TOKENS - 1) // _PROBE_GROUP + 1
+    logits = []
+    for divide in (divide_native, divide_emulated):
+        llama_cpp.llama_memory_clear(session.mem, True)
+        session.decode_at(tokens[:-1], range(_PROBE_TOKENS), logits="none")
+        divide(session.mem, 0, _PROBE_TOKENS, _PROBE_GROUP)
+        session.decode_at(tokens[-1:], [query_pos])
+        logits.append(session.last_logits())
+    llama_cpp.llama_memory_clear(session.mem, True)
+    kl = float(kl_divergence(logits[1], logits[0]))
+    result = _probe_cache["result"] = ProbeResult(kl < _PROBE_MAX_KL, kl)
+    return result
+
+
+def choose_divider(session: Session, mode: str) -> Divider:
+    """``auto``: native when the probe finds it correct, else emulated; or force one of the two."""
+    if mode == "emulated":
+        return Divider("emulated", "forced with --division emulated")
+    if mode not in ("auto", "native"):
+        raise BadInputError(f"unknown division {mode!r}; choose one of: auto, native, emulated")
+    result = probe(session)
+    if mode == "native":
+        return Divider("native", "forced with --division native; " + result.describe(), result)
+    if result.native_correct:
+        return Divider("native", result.describe(), result)
+    return Divider("emulated", result.describe() + "; emulating division with seq_add", result)

@@ -1,0 +1,194 @@
+"""Downloading GGUF models through huggingface-hub: choose a quantization, fetch, verify.
+
+The hub's address comes from ``HF_ENDPOINT``, the token from ``HF_TOKEN``, and ``HF_HUB_OFFLINE=1``
+serves models already in the models folder. huggingface-hub draws the progress bar and resumes an
+interrupted transfer from its ``.incomplete`` file; we check each file's SHA-256 against the hub's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInputError, ModelError
+from .paths import models_dir
+
+SPLIT = re.compile(r"-(\d{5})-of-(\d{5})$")
+QUANT = re.compile(r"(?:^|[-_.])((?:I?Q\d(?:_K)?(?:_[A-Z]+)?(?:_\d)?)|F16|BF16|F32|TQ\d_\d)(?=$|[-_.])", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+    sha256: str | None
+
+    @property
+    def model_stem(self) -> str:
+        """The file name without ``.gguf`` and without a ``-00001-of-00003`` split suffix."""
+        return SPLIT.sub("", Path(self.path).name.removesuffix(".gguf"))
+
+    @property
+    def quant(self) -> str | None:
+        found = QUANT.findall(self.model_stem)
+        return found[-1].upper() if found else None
+
+
+def endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def repo_dir(repo: str, dest: Path | None = None) -> Path:
+    return (dest or models_dir()) / repo
+
+
+def _hub_error(repo: str, exc: Exception) -> ModelError:
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):
+        return ModelError(f"{repo} is gated: accept its terms on the hub and set HF_TOKEN to a token with access")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return ModelError(f"repository {repo} was not found on the hub (if it is private, set HF_TOKEN)")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return ModelError(f"repository {repo} has no such revision")
+    if isinstance(exc, errors.HfHubHTTPError):
+        return ModelError(f"the hub refused the request for {repo}: {str(exc).splitlines()[0]}")
+    where = endpoint() or "huggingface.co"
+    return ModelError(
+        f"cannot reach the hub at {where} ({type(exc).__name__}); check the network, or set HF_HUB_OFFLINE=1"
+    )
+
+
+def list_gguf(repo: str, token: str | None = None) -> list[RemoteFile]:
+    """The repository's GGUF files with their sizes and SHA-256 (for LFS files)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint(), token=token or os.environ.get("HF_TOKEN"))
+    try:
+        entries = list(api.list_repo_tree(repo, recursive=True))
+    except Exception as exc:  # every hub or network failure becomes one clear line
+        raise _hub_error(repo, exc) from exc
+    files = []
+    for entry in entries:
+        if getattr(entry, "size", None) is None or not entry.path.endswith(".gguf"):
+            continue
+        lfs = entry.lfs
+        sha = (lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)) if lfs else None
+        files.append(RemoteFile(entry.path, entry.size, sha))
+    return sorted(files, key=lambda f: f.path)
+
+
+def _by_model(files: list[RemoteFile]) -> dict[str, list[RemoteFile]]:
+    groups: dict[str, list[RemoteFile]] = {}
+    for f in files:
+        groups.setdefault(str(Path(f.path).parent / f.model_stem), []).append(f)
+    return groups
+
+
+def _choices(groups: dict[str, list[RemoteFile]]) -> str:
+    return ", ".join(sorted({g[0].quant or Path(g[0].path).name for g in groups.values()}))
+
+
+def choose(files: list[RemoteFile], repo: str, quant: str | None = None, file: str | None = None) -> list[RemoteFile]:
+    """The files to fetch (every part of a split model), or a one-line error that lists the choices."""
+    groups = _by_model(files)
+    if not groups:
+        raise ModelError(f"{repo} has no .gguf files")
+    if file:
+        match = [g for g in groups.values() if any(file in (f.path, Path(f.path).name) for f in g)]
+        if not match:
+            names = ", ".join(Path(g[0].path).name for g in groups.values())
+            raise ModelError(f"{repo} has no file {file!r}; its GGUF files: {names}")
+        return match[0]
+    if quant:
+        match = [g for g in groups.values() if (g[0].quant or "").upper() == quant.upper()]
+        if not match:
+            raise ModelError(f"{repo} has no {quant.upper()} GGUF; available: {_choices(groups)}")
+    else:
+        match = list(groups.values())
+    if len(match) > 1:
+        names = ", ".join(Path(g[0].path).name for g in match)
+        what = f"several {quant.upper()} files" if quant else "several GGUF files"
+        raise BadInputError(f"{repo} has {what} ({names}); choose with --quant ({_choices(groups)}) or --file NAME")
+    return match[0]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch(repo: str, remote: RemoteFile, target: Path, token: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        local = Path(hf_hub_download(repo, remote.path, local_dir=target, endpoint=endpoint(), token=token))
+    except Exception as exc:
+        raise _hub_error(repo, exc) from exc
+    if remote.sha256 and sha256_of(local) != remote.sha256:
+        local.unlink(missing_ok=True)
+        raise ModelError(
+            f"checksum mismatch for {remote.path} from {repo}: the file was removed; try again, "
+            "and report it if it persists"
+        )
+    return local
+
+
+def local_matches(repo: str, quant: str | None, file: str | None, dest: Path | None = None) -> list[Path]:
+    """Already-downloaded files of ``repo`` that satisfy the request (all parts of a split model)."""
+    root = repo_dir(repo, dest)
+    if not root.is_dir():
+        return []
+    files = [RemoteFile(str(p.relative_to(root)), p.stat().st_size, None) for p in root.rglob("*.gguf")]
+    try:
+        chosen = choose(files, repo, quant, file)
+    except (ModelError, BadInputError):
+        return []
+    parts = [root / f.path for f in chosen]
+    expected = SPLIT.search(Path(chosen[0].path).stem)
+    if expected and len(parts) != int(expected.group(2)):
+        return []
+    return sorted(parts)
+
+
+def download(
+    repo: str, quant: str | None = None, file: str | None = None, dest: Path | None = None, token: str | None = None
+) -> Path:
+    """Fetch the chosen GGUF (every part of a split) into ``dest/REPO`` and return the first part."""
+    if repo.count("/") != 1:
+        raise BadInputError(f"{repo!r} is not a repository id; use OWNER/NAME")
+    if offline():
+        found = local_matches(repo, quant, file, dest)
+        if not found:
+            raise ModelError(
+                f"HF_HUB_OFFLINE is set and {repo} ({quant or file or 'any'}) is not in {repo_dir(repo, dest)}"
+            )
+        return found[0]
+    token = token or os.environ.get("HF_TOKEN")
+    chosen = choose(list_gguf(repo, token), repo, quant, file)
+    target = repo_dir(repo, dest)
+    paths = [_fetch(repo, remote, target, token) for remote in chosen]
+    return sorted(paths)[0]
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``owner/repo:QUANT`` -> (repo, quant)."""
+    repo, _, quant = spec.partition(":")
+    return repo, quant or None
+
+
+def fetch_for_model_option(spec: str) -> Path:
+    """``--model REPO:QUANT``: use the downloaded file if present, else download it first."""
+    repo, quant = parse_spec(spec)
+    found = local_matches(repo, quant, None)
+    return found[0] if found else download(repo, quant)

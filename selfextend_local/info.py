@@ -1,0 +1,65 @@
+"""A model's card: what it is, whether SelfExtend applies, and how far each setting reaches."""
+
+from __future__ import annotations
+
+from .model import Model
+from .planning import GROUPS, default_window, max_input
+from .registry import family_for
+
+WINDOWS = (256, 512, 1024, 2048, 4096)
+
+
+def reach_table(n_ctx_train: int, groups=GROUPS, windows=WINDOWS) -> list[list[str]]:
+    """Rows of ``W`` then the largest input for each ``G``: ``(L - W) * G + W``."""
+    rows = [["W \\ G", *[str(g) for g in groups]]]
+    for w in windows:
+        if w < n_ctx_train:
+            rows.append([str(w), *[f"{max_input(n_ctx_train, g, w):,}" if w % g == 0 else "-" for g in groups]])
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def describe(model: Model) -> str:
+    info = model.info
+    family = family_for(info)
+    reason = info.extendable_reason
+    lines = [
+        f"name:              {info.name}",
+        f"file:              {info.path}",
+        f"architecture:      {info.architecture}",
+        f"training context:  {info.n_ctx_train:,} tokens",
+        f"rope:              {info.rope_type}, base {info.rope_freq_base or 'default'}, scaling {info.rope_scaling}",
+        f"quantization:      {info.quantization}",
+        f"size:              {_size(info.size_bytes)}, {info.n_params / 1e6:,.0f}M parameters, {info.n_layers} layers",
+        f"chat template:     {'yes' if info.chat_template else 'no'}",
+        f"self-extend:       {'yes' if reason is None else 'no: ' + reason}",
+    ]
+    if family:
+        reach = max_input(info.n_ctx_train, family.group, family.window)
+        lines.append(
+            f"recommended:       --group {family.group} --window {family.window} "
+            f"(family {family.family}, reaches {reach:,} tokens; {family.source})"
+        )
+    else:
+        lines.append(
+            f"recommended:       planned per input, window {default_window(info.n_ctx_train)} (no registry entry)"
+        )
+    if reason is None:
+        lines += [
+            "",
+            "Largest input (tokens) by window W and group G, (L - W) * G + W:",
+            format_table(reach_table(info.n_ctx_train)),
+        ]
+    return "\n".join(lines)

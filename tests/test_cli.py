@@ -1,0 +1,110 @@
+"""The command line on the real bundled model: output, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from selfextend_local.cli import main
+
+
+@pytest.fixture
+def run():
+    def invoke(*args, input=None):
+        return CliRunner().invoke(main, list(args), input=input)
+
+    return invoke
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("Error")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def test_help_lists_commands(run):
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("info", "generate", "chat"):
+        assert command in result.output
+
+
+def test_info_shows_model_card_and_reach_table(run):
+    result = run("info")
+    assert result.exit_code == 0, result.output
+    assert "architecture:      llama" in result.stdout
+    assert "training context:  8,192 tokens" in result.stdout
+    assert "quantization:      Q4_1" in result.stdout
+    assert "--group 4 --window 2048" in result.stdout
+    assert " 2048  14,336  26,624  51,200" in result.stdout
+
+
+def test_generate_streams_an_answer(run):
+    result = run("generate", "--temperature", "0", "-n", "12", "What is the capital of France?")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+
+
+def test_generate_reads_file_and_stdin(run, tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text("Name a colour.")
+    from_file = run("generate", "--temperature", "0", "-n", "6", "--file", str(path))
+    from_stdin = run("generate", "--temperature", "0", "-n", "6", input="Name a colour.")
+    assert from_file.exit_code == 0 and from_stdin.exit_code == 0
+    assert from_file.stdout == from_stdin.stdout and from_file.stdout.strip()
+
+
+def test_verbose_reports_plan_and_division(run):
+    result = run("generate", "-v", "-g", "4", "-w", "64", "--temperature", "0", "-n", "4", "Hello")
+    assert result.exit_code == 0, result.output
+    assert "plan: SelfExtend G=4 W=64 schedule=neighbor" in result.stderr
+    assert "division: " in result.stderr and "probe KL" in result.stderr
+
+
+def test_missing_model_file(run, tmp_path):
+    result = run("generate", "--model", str(tmp_path / "nope.gguf"), "hi")
+    assert_one_line_error(result, 1, "model file not found")
+
+
+def test_not_a_gguf(run, tmp_path):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"not a model at all")
+    assert_one_line_error(run("info", str(bogus)), 1, "is not a GGUF file")
+
+
+def test_window_not_multiple_of_group(run):
+    assert_one_line_error(run("generate", "-g", "3", "-w", "100", "hi"), 2, "not a multiple of --group 3")
+
+
+@pytest.mark.parametrize("option", ["--group", "--window", "--threads", "--max-tokens"])
+@pytest.mark.parametrize("value", ["0", "-4"])
+def test_zero_or_negative(run, option, value):
+    assert_one_line_error(run("generate", option, value, "hi"), 2, option)
+
+
+def test_empty_prompt(run):
+    assert_one_line_error(run("generate", "   "), 2, "prompt is empty")
+
+
+def test_input_beyond_the_extended_limit(run):
+    long_text = "The grass is green. The sky is blue. " * 2000  # about 20k tokens
+    result = run("generate", "--raw", "-g", "2", "-w", "2048", input=long_text)
+    assert_one_line_error(result, 1, "reaches 14336", "use --group 4 --window 2048")
+
+
+def test_debug_shows_the_traceback(run, tmp_path):
+    result = run("generate", "--debug", "--model", str(tmp_path / "nope.gguf"), "hi")
+    assert result.exit_code != 0
+    assert result.exception is not None and "model file not found" in str(result.exception)
+
+
+def test_chat_two_turns_and_reset(run):
+    result = run("chat", "--temperature", "0", "-n", "8", input="Hello!\n/reset\nName a fruit.\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "(conversation reset)" in result.stderr
+    replies = [line for line in result.stdout.split(">>> ") if line.strip()]
+    assert len(replies) == 2

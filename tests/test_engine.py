@@ -1,0 +1,112 @@
+"""The engine on the real bundled model: identity on short inputs, cache consistency, division, reuse."""
+
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+import pytest
+from conftest import make_session
+
+from selfextend_local.errors import EngineError
+from selfextend_local.generate import stream_generate
+from selfextend_local.metrics import kl_divergence
+from selfextend_local.perplexity import token_nlls
+from selfextend_local.settings import RuntimeSettings, SamplingSettings
+
+GREEDY = SamplingSettings(temperature=0, max_tokens=40)
+
+
+def greedy_tokens(session, prompt):
+    return [c.token for c in stream_generate(session, prompt, GREEDY) if c.token is not None]
+
+
+def test_short_input_is_token_identical_to_plain(model, runtime):
+    prompt = model.chat_tokens([{"role": "user", "content": "Write a short poem about the sea."}])
+    assert len(prompt) + GREEDY.max_tokens < 128
+    outputs = {}
+    for name, group, schedule in [("plain", 1, "neighbor"), ("neighbor", 4, "neighbor"), ("llamacpp", 4, "llamacpp")]:
+        with make_session(model, runtime, 512, group, 128, schedule) as session:
+            outputs[name] = greedy_tokens(session, prompt)
+    assert len(outputs["plain"]) > 10
+    assert outputs["neighbor"] == outputs["plain"]
+    assert outputs["llamacpp"] == outputs["plain"]
+
+
+@pytest.mark.parametrize("schedule", ["neighbor", "llamacpp"])
+def test_cache_positions_follow_the_schedule(model, pydoc_tokens, schedule):
+    runtime = RuntimeSettings(batch=128)
+    with make_session(model, runtime, 2048, 4, 256, schedule) as session:
+        session.ingest(pydoc_tokens[:1500])
+        for token in pydoc_tokens[1500:1530]:  # generation-style single tokens keep the schedule going
+            session.decode_token(token)
+        mem = session.mem
+        assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == 0
+        assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == session.schedule.next_pos - 1
+        assert session.schedule.next_pos < 1530 // 2  # most of the sequence is grouped
+        assert len(session.tokens) == 1530
+
+
+def test_probe_verdict_matches_what_native_division_does(model, pydoc_tokens, runtime):
+    """Whatever the llama.cpp build: the probe's verdict agrees with perplexity under native division."""
+    tokens = pydoc_tokens[:1200]
+    ppl = {}
+    verdict = None
+    for division in ("native", "emulated"):
+        with make_session(model, runtime, 1280, 4, 128, "neighbor", division) as session:
+            ppl[division] = float(np.exp(token_nlls(session, tokens).mean()))
+            if division == "native":
+                verdict = session.divider.probe
+    assert verdict is not None
+    if verdict.native_correct:
+        assert ppl["native"] == pytest.approx(ppl["emulated"], rel=0.01)
+    else:
+        assert ppl["native"] > 1.5 * ppl["emulated"], ppl
+        assert "DEFECTIVE" in verdict.describe()
+
+
+def test_auto_division_never_uses_a_defective_native_call(model, runtime):
+    with make_session(model, runtime, 256, 4, 64, "neighbor", "auto") as session:
+        divider = session.divider
+    assert divider.probe is not None
+    assert divider.name == ("native" if divider.probe.native_correct else "emulated")
+
+
+def test_prefix_reuse_gives_the_same_logits_as_a_fresh_ingestion(model, pydoc_tokens):
+    runtime = RuntimeSettings(batch=64)
+    a, b, c = pydoc_tokens[:600], pydoc_tokens[600:620], pydoc_tokens[700:750]
+    with make_session(model, runtime, 1024, 4, 128) as reused:
+        reused.ingest(a + b)
+        n_reused = reused.prefill(a + c)
+        got = reused.last_logits()
+    with make_session(model, runtime, 1024, 4, 128) as fresh:
+        fresh.ingest(a)
+        fresh.ingest(c)
+        want = fresh.last_logits()
+    assert n_reused == len(a)
+    assert int(np.argmax(got)) == int(np.argmax(want))
+    assert float(kl_divergence(want, got)) < 1e-3
+
+
+def test_prefix_inside_the_grouped_region_is_not_reused(model, pydoc_tokens):
+    runtime = RuntimeSettings(batch=64)
+    with make_session(model, runtime, 1024, 4, 128) as session:
+        session.ingest(pydoc_tokens[:800])
+        assert session.prefill(pydoc_tokens[:300] + pydoc_tokens[900:910]) == 0
+        assert len(session.tokens) == 310
+
+
+def test_full_context_is_a_clear_error(model, runtime, pydoc_tokens):
+    with make_session(model, runtime, 256) as session:
+        with pytest.raises(EngineError, match="larger --ctx"):
+            session.ingest(pydoc_tokens[:300])
+
+
+@pytest.mark.slow
+def test_perplexity_at_4k_is_close_to_plain(model, pydoc_tokens, runtime):
+    tokens = pydoc_tokens[:4096]
+    with make_session(model, runtime, 4096) as plain:
+        plain_ppl = float(np.exp(token_nlls(plain, tokens).mean()))
+    with make_session(model, runtime, 4096, 4, 1024) as extended:
+        ext_ppl = float(np.exp(token_nlls(extended, tokens).mean()))
+    print(f"4k PPL plain {plain_ppl:.3f} neighbor G4 W1024 {ext_ppl:.3f}")
+    assert ext_ppl == pytest.approx(plain_ppl, rel=0.05)

@@ -1,0 +1,46 @@
+"""Past the 8k training context: SelfExtend recovers perplexity; a defective native division does not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_session
+
+from selfextend_local.perplexity import token_nlls
+
+pytestmark = pytest.mark.slow
+
+N = 12_288
+
+
+def ppl(nll: np.ndarray, start: int, stop: int) -> float:
+    return float(np.exp(nll[start:stop].mean()))
+
+
+@pytest.fixture(scope="module")
+def plain_nll(model, pydoc_tokens, runtime):
+    with make_session(model, runtime, N) as session:
+        return token_nlls(session, pydoc_tokens[:N])
+
+
+def extended_nll(model, tokens, runtime, division):
+    with make_session(model, runtime, N, 4, 2048, "neighbor", division) as session:
+        return token_nlls(session, tokens), session.divider
+
+
+def test_selfextend_recovers_perplexity_past_training_context(model, pydoc_tokens, runtime, plain_nll):
+    nll, _ = extended_nll(model, pydoc_tokens[:N], runtime, "auto")
+    last, plain_last, plain_6_8k = ppl(nll, N - 2049, None), ppl(plain_nll, N - 2049, None), ppl(plain_nll, 6144, 8192)
+    print(f"last 2k: neighbor {last:.2f} plain {plain_last:.2f}; plain 6k-8k {plain_6_8k:.2f}")
+    assert last < plain_last / 2
+    assert last < 1.3 * plain_6_8k
+
+
+def test_native_division_fails_the_same_check_and_the_probe_says_why(model, pydoc_tokens, runtime, plain_nll):
+    nll, divider = extended_nll(model, pydoc_tokens[:N], runtime, "native")
+    if divider.probe.native_correct:
+        pytest.skip("this llama.cpp build has a correct seq_div")
+    last, plain_6_8k = ppl(nll, N - 2049, None), ppl(plain_nll, 6144, 8192)
+    print(f"last 2k with native seq_div: {last:.2f}; plain 6k-8k {plain_6_8k:.2f}")
+    assert not last < 1.3 * plain_6_8k
+    assert "DEFECTIVE" in divider.reason

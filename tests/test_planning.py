@@ -1,0 +1,79 @@
+"""Planning: limits of a setting, the settings chosen for an input, and refusals that name a fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from selfextend_local.errors import BadInputError, InputTooLongError
+from selfextend_local.planning import largest_position, max_input, plan, suggest
+from selfextend_local.settings import ExtendSettings
+
+L = 8192
+
+
+def test_max_input_formula():
+    assert max_input(L, 4, 2048) == (L - 2048) * 4 + 2048 == 26624
+    assert max_input(L, 1, 2048) == L
+
+
+def test_short_input_needs_no_extension():
+    chosen = plan(L, 3000, ExtendSettings())
+    assert chosen.group == 1 and chosen.n_ctx == 3072
+
+
+def test_context_is_sized_to_the_input_not_g_times_l():
+    chosen = plan(L, 12_000, ExtendSettings())
+    assert chosen.extended and chosen.n_ctx == 12_032
+    assert chosen.n_ctx < chosen.group * L
+
+
+def test_planned_group_keeps_positions_within_the_rule_of_thumb():
+    for n in (9_000, 20_000, 60_000, 200_000):
+        chosen = plan(L, n, ExtendSettings())
+        assert largest_position(n, chosen.group, chosen.window) <= 2 / 3 * L
+        assert max_input(L, chosen.group, chosen.window) >= n
+
+
+def test_family_setting_used_when_it_fits():
+    chosen = plan(L, 12_000, ExtendSettings(), recommended=(4, 2048))
+    assert (chosen.group, chosen.window) == (4, 2048)
+    bigger = plan(L, 40_000, ExtendSettings(), recommended=(4, 2048))
+    assert bigger.window == 2048 and bigger.group == 8
+
+
+def test_too_long_names_a_setting_that_fits():
+    with pytest.raises(InputTooLongError) as err:
+        plan(L, 30_000, ExtendSettings(group=4, window=2048))
+    message = str(err.value)
+    assert "26624" in message and "--group 8 --window 2048" in message
+    g, w = suggest(L, 30_000, 2048)
+    assert max_input(L, g, w) >= 30_000
+
+
+def test_beyond_every_setting_is_refused():
+    with pytest.raises(InputTooLongError, match="shorten the input"):
+        plan(L, 10_000_000, ExtendSettings())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"group": 3, "window": 1024}, "not a multiple"),
+        ({"group": 0}, "positive"),
+        ({"window": -5}, "positive"),
+        ({"schedule": "nope"}, "unknown schedule"),
+    ],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(BadInputError, match=match):
+        ExtendSettings(**kwargs)
+
+
+def test_window_must_be_below_training_context():
+    with pytest.raises(BadInputError, match="smaller than the training context"):
+        plan(L, 10_000, ExtendSettings(group=4, window=8192))
+
+
+def test_ctx_smaller_than_input_is_refused():
+    with pytest.raises(InputTooLongError, match="--ctx"):
+        plan(L, 5000, ExtendSettings(), ctx=4096)
