@@ -18,12 +18,13 @@ def reach_table(n_ctx_train: int, groups=GROUPS, windows=WINDOWS) -> list[list[s
     return rows
 
 
-def format_table(rows: list[list[str]]) -> str:
+def format_table(rows: list[list[str]], align_left: bool = False) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+    pad = str.ljust if align_left else str.rjust
+    return "\n".join("  ".join(pad(cell, w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def _size(n: int) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -42,7 +43,8 @@ def describe(model: Model) -> str:
         f"training context:  {info.n_ctx_train:,} tokens",
         f"rope:              {info.rope_type}, base {info.rope_freq_base or 'default'}, scaling {info.rope_scaling}",
         f"quantization:      {info.quantization}",
-        f"size:              {_size(info.size_bytes)}, {info.n_params / 1e6:,.0f}M parameters, {info.n_layers} layers",
+        f"size:              {human_size(info.size_bytes)}, {info.n_params / 1e6:,.0f}M parameters, "
+        f"{info.n_layers} layers",
         f"chat template:     {'yes' if info.chat_template else 'no'}",
         f"self-extend:       {'yes' if reason is None else 'no: ' + reason}",
     ]

@@ -133,7 +133,7 @@ class Model:
             path=self.path,
             name=self.meta("general.name") or self.path.stem,
             architecture=arch,
-            n_ctx_train=llama_cpp.llama_model_n_ctx_train(self.handle),
+            n_ctx_train=int(self.meta(f"{arch}.context_length") or llama_cpp.llama_model_n_ctx_train(self.handle)),
             rope_type=_ROPE_NAMES.get(llama_cpp.llama_model_rope_type(self.handle), "unknown"),
             rope_freq_base=float(base) if base else None,
             rope_scaling=(self.meta(f"{arch}.rope.scaling.type") or "none").lower(),
@@ -141,7 +141,7 @@ class Model:
             quantization=quant,
             n_params=llama_cpp.llama_model_n_params(self.handle),
             size_bytes=self.path.stat().st_size,
-            n_layers=llama_cpp.llama_model_n_layer(self.handle),
+            n_layers=int(self.meta(f"{arch}.block_count") or llama_cpp.llama_model_n_layer(self.handle)),
             chat_template=self.meta("tokenizer.chat_template"),
         )
 
@@ -199,16 +199,22 @@ class Model:
             eos_token=self.special_text(eos) if eos >= 0 else "",
         )
 
-    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_text(self, messages: list[dict[str, str]]) -> str:
         """Render ``messages`` with the GGUF's own chat template, ready for the assistant's reply."""
         try:
-            prompt = self._chat_formatter(messages=messages).prompt
+            return self._chat_formatter(messages=messages).prompt
         except ModelError:
             raise
         except Exception as exc:  # jinja2 errors from a template we do not control
             raise ModelError(f"the model's chat template failed to render: {exc}") from exc
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        """Tokens of rendered template text: special tokens parsed, one BOS at most."""
         bos = llama_cpp.llama_vocab_bos(self.vocab)
-        tokens = self.tokenize(prompt, add_special=True, parse_special=True)
+        tokens = self.tokenize(text, add_special=True, parse_special=True)
         if len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
             tokens = tokens[1:]  # the template wrote its own BOS
         return tokens
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.prompt_tokens(self.chat_text(messages))

@@ -16,6 +16,11 @@ COMMANDS = {
     "info": "run:info",
     "generate": "run:generate",
     "chat": "run:chat",
+    "download": "hub:download",
+    "models": "hub:models",
+    "qa": "docs:qa",
+    "summarize": "docs:summarize",
+    "cache": "docs:cache",
 }
 
 

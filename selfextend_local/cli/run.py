@@ -11,7 +11,7 @@ from .display import IngestProgress, ctrl_c_stops, log, note, stats_line
 from .options import extend_options, log_options, model_option, runtime_options, sampling_options
 
 
-def _load(model_spec, runtime, verbose_flag: bool):
+def load_for_cli(model_spec, runtime, verbose_flag: bool):
     from .. import llama_log
     from ..engine import load_model
 
@@ -21,7 +21,7 @@ def _load(model_spec, runtime, verbose_flag: bool):
     return model
 
 
-def _describe_session(session) -> None:
+def describe_session(session) -> None:
     note(f"plan: {session.plan.describe()}")
     if session.divider:
         note(f"division: {session.divider.name} ({session.divider.reason})")
@@ -35,7 +35,7 @@ def info(model_arg: str | None, runtime, verbose: bool) -> None:
     """Show a model's architecture, training context, quantization, size, and what SelfExtend reaches."""
     from ..info import describe
 
-    model = _load(model_arg, runtime, verbose)
+    model = load_for_cli(model_arg, runtime, verbose)
     click.echo(describe(model))
 
 
@@ -71,14 +71,14 @@ def generate(prompt, file, raw, system, model, runtime, extend, sampling, verbos
     from ..generate import stream_generate
 
     text = _read_prompt(prompt, file)
-    llm = _load(model, runtime, verbose)
+    llm = load_for_cli(model, runtime, verbose)
     if raw:
         tokens = llm.tokenize(text)
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         tokens = llm.chat_tokens(messages) if llm.info.chat_template else llm.tokenize(text)
     with open_session(llm, len(tokens) + sampling.max_tokens, extend, runtime) as session:
-        _describe_session(session)
+        describe_session(session)
         progress = IngestProgress()
         last = None
         with ctrl_c_stops() as stop:
@@ -104,7 +104,7 @@ def chat(system, model, runtime, extend, sampling, verbose) -> None:
     """Talk with the model. /reset starts over, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply."""
     from ..chat import Conversation
 
-    llm = _load(model, runtime, verbose)
+    llm = load_for_cli(model, runtime, verbose)
     conversation = Conversation(llm, extend, runtime, sampling, system)
     log(f"Chatting with {llm.info.name}. /reset starts over, /exit leaves, Ctrl-C stops a reply.")
     try:

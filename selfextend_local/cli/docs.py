@@ -1,0 +1,208 @@
+"""``qa``, ``summarize`` and ``cache``: long documents, many files, and the ingested-document cache."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .display import IngestProgress, ctrl_c_stops, log, note, stats_line
+from .options import extend_options, log_options, model_option, runtime_options, sampling_options
+from .run import describe_session, load_for_cli
+
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where ingested documents are cached. Default: ~/.cache/selfextend-local/kv ($SELFEXTEND_LOCAL_CACHE).",
+)
+cache_size_option = click.option(
+    "--cache-size",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="Cache size limit in GiB (least recently used go).",
+)
+
+
+def _cache(cache_dir: Path | None, cache_size: float):
+    from ..errors import BadInputError
+    from ..kvcache import KVCache
+
+    if cache_size <= 0:
+        raise BadInputError("--cache-size must be positive")
+    return KVCache(cache_dir, int(cache_size * (1 << 30)))
+
+
+def _answer(qa, question: str) -> None:
+    progress = IngestProgress("reading document")
+    last = None
+    with ctrl_c_stops() as stop:
+        try:
+            for last in qa.ask(question, progress, stop):
+                click.echo(last.text, nl=False)
+                sys.stdout.flush()
+        finally:
+            progress.close()
+    click.echo()
+    if last is not None:
+        note(stats_line(last, qa.session.plan.describe()))
+
+
+@click.command()
+@click.option(
+    "--doc",
+    "-d",
+    "doc_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The document: text or Markdown; HTML and PDF with the [docs] extra.",
+)
+@click.argument("question", required=False)
+@click.option("--question", "-q", "more", multiple=True, help="Another question (repeatable).")
+@click.option("--interactive", "-i", is_flag=True, help="Keep asking questions about the document.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the ingested-document cache.")
+@cache_dir_option
+@cache_size_option
+@model_option
+@runtime_options
+@extend_options
+@sampling_options
+@log_options
+def qa(
+    doc_path, question, more, interactive, no_cache, cache_dir, cache_size, model, runtime, extend, sampling, verbose
+) -> None:
+    """Answer QUESTION (and each -q) about a document far longer than the model's context.
+
+    The document is ingested once; its state is cached on disk, so later questions, in this run or a later
+    one, ingest only the question.
+    """
+    from ..documents import read_document
+    from ..errors import BadInputError
+    from ..qa import DocumentQA
+
+    questions = [q for q in ([question] if question else []) + list(more)]
+    if any(not q.strip() for q in questions):
+        raise BadInputError("a question is empty")
+    if not questions and not interactive:
+        raise BadInputError("ask a question (an argument or -q), or use --interactive")
+    text = read_document(doc_path)
+    cache = None if no_cache else _cache(cache_dir, cache_size)
+    llm = load_for_cli(model, runtime, verbose)
+    with DocumentQA(llm, text, extend, runtime, sampling, cache) as doc:
+        describe_session(doc.session)
+        with ctrl_c_stops() as stop:
+            source = doc.load(IngestProgress("reading document"), stop)
+        how = "restored from the cache" if source == "cache" else "ingested"
+        log(f"document: {len(doc.doc_tokens):,} tokens ({how})")
+        for i, q in enumerate(questions):
+            if len(questions) > 1:
+                click.echo(f"{'' if i == 0 else chr(10)}Q: {q}")
+            _answer(doc, q)
+        while interactive:
+            try:
+                line = input("? ").strip()
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                click.echo()
+                continue
+            if line in ("/exit", "/quit"):
+                break
+            if line:
+                _answer(doc, line)
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSONL file of records (appended; files already done are skipped).",
+)
+@click.option(
+    "--prompt",
+    "prompt_template",
+    default=None,
+    help="Instructions with {text} where the document goes. Default: a few-sentence summary.",
+)
+@click.option("--retry-failed", is_flag=True, help="Summarise again the files whose record is an error.")
+@model_option
+@runtime_options
+@extend_options
+@sampling_options
+@log_options
+def summarize(files, out, prompt_template, retry_failed, model, runtime, extend, sampling, verbose) -> None:
+    """Summarise FILES into one JSONL record each (path, hash, settings, summary, tokens, seconds, error).
+
+    Resumable: files already summarised with the same content and settings are skipped. A file that fails
+    gets an error record and the run goes on; the exit code is 1 when any file failed.
+    """
+    from ..summarize import DEFAULT_PROMPT, RecordLog, Summarizer, check_prompt, summarize_files
+
+    template = prompt_template or DEFAULT_PROMPT
+    check_prompt(template)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record_log = RecordLog(out)
+    llm = load_for_cli(model, runtime, verbose)
+    summarizer = Summarizer(llm, extend, runtime, sampling, template)
+    failed = done = 0
+    with click.progressbar(length=len(files), label="summarising", file=sys.stderr, show_pos=True) as bar:
+        skipped = len(files)
+        for record in summarize_files(summarizer, list(files), record_log, retry_failed):
+            skipped -= 1
+            done += 1
+            failed += bool(record["error"])
+            bar.update(1)
+            if record["error"]:
+                log(f"\n{record['path']}: {record['error']}")
+        bar.update(skipped)
+    log(f"{done} summarised ({failed} failed), {skipped} already done; records in {out}")
+    if failed:
+        sys.exit(1)
+
+
+@click.group()
+def cache() -> None:
+    """The cache of ingested documents used by `qa`."""
+
+
+@cache.command("list")
+@cache_dir_option
+def cache_list(cache_dir: Path | None) -> None:
+    """List cached documents, most recently used first."""
+    import time
+
+    from ..info import format_table, human_size
+    from ..kvcache import KVCache
+
+    store = KVCache(cache_dir)
+    rows = [["key", "size", "last used", "tokens", "model", "settings"]]
+    for e in store.entries():
+        ident = e.meta.get("identity", {})
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        rows.append(
+            [
+                e.path.stem[:12],
+                human_size(e.size),
+                used,
+                f"{e.meta.get('n_tokens', 0):,}",
+                e.meta.get("model_name", "?"),
+                f"G{ident.get('group')} W{ident.get('window')} {ident.get('schedule')}",
+            ]
+        )
+    click.echo(format_table(rows, align_left=True))
+    click.echo(f"\n{len(rows) - 1} entries in {store.root}", err=True)
+
+
+@cache.command("clear")
+@cache_dir_option
+def cache_clear(cache_dir: Path | None) -> None:
+    """Delete every cached document."""
+    from ..kvcache import KVCache
+
+    store = KVCache(cache_dir)
+    log(f"removed {store.clear()} entries from {store.root}")

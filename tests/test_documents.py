@@ -1,0 +1,119 @@
+"""Reading documents, and the ingested-document cache's integrity and eviction (no model needed)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from selfextend_local.documents import read_document
+from selfextend_local.errors import BadInputError
+from selfextend_local.kvcache import KVCache
+
+
+def test_text_and_markdown(tmp_path):
+    (tmp_path / "a.md").write_text("# Title\n\nSome *text*.")
+    assert "Some *text*." in read_document(tmp_path / "a.md")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.txt", None, "document not found"),
+        ("bin.txt", b"\x00\x01\x02abc", "binary"),
+        ("empty.txt", b"  \n", "is empty"),
+        ("latin.txt", "caf\xe9".encode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_bad_documents(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(BadInputError, match=message):
+        read_document(path)
+
+
+def test_directory_is_refused(tmp_path):
+    with pytest.raises(BadInputError, match="is a directory"):
+        read_document(tmp_path)
+
+
+def test_html_text_without_scripts(tmp_path):
+    page = tmp_path / "p.html"
+    page.write_text("<html><script>var x=1;</script><body><p>The key is 4127.</p></body></html>")
+    text = read_document(page)
+    assert "The key is 4127." in text and "var x" not in text
+
+
+def test_html_without_the_optional_library(tmp_path, monkeypatch):
+    page = tmp_path / "p.html"
+    page.write_text("<p>hi</p>")
+    monkeypatch.setitem(sys.modules, "bs4", None)
+    with pytest.raises(
+        BadInputError, match=r"needs the beautifulsoup4 package: pip install 'selfextend-local\[docs\]'"
+    ):
+        read_document(page)
+
+
+def test_pdf_text(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    fig.text(0.1, 0.5, "The harbour opens at dawn.")
+    matplotlib.rcParams["pdf.fonttype"] = 42
+    fig.savefig(tmp_path / "d.pdf")
+    assert "harbour opens at dawn" in read_document(tmp_path / "d.pdf")
+
+
+IDENTITY = {"model": "m.gguf", "document": "abc", "group": 4}
+
+
+def test_cache_round_trip(tmp_path):
+    cache = KVCache(tmp_path)
+    cache.put(IDENTITY, [1, 2, 3], {"n_tokens": 3}, b"state-bytes", {"model_name": "m"})
+    entry = cache.get(IDENTITY)
+    assert entry.tokens == [1, 2, 3] and entry.state == b"state-bytes" and entry.schedule_state == {"n_tokens": 3}
+    assert cache.get({**IDENTITY, "group": 8}) is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_damaged_entry_is_dropped(tmp_path, damage):
+    cache = KVCache(tmp_path)
+    path = cache.put(IDENTITY, [1, 2, 3], {}, b"x" * 1000, {})
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-10] ^= 0xFF
+    elif damage == "truncate":
+        data = data[:-100]
+    else:
+        data = bytearray(b"hello")
+    path.write_bytes(bytes(data))
+    assert cache.get(IDENTITY) is None
+    assert not path.exists()
+
+
+def test_mismatched_entry_is_dropped(tmp_path):
+    cache = KVCache(tmp_path)
+    other = {**IDENTITY, "document": "zzz"}
+    path = cache.put(other, [9], {}, b"y", {})
+    path.rename(tmp_path / f"{cache.key(IDENTITY)}.kv")  # right name, wrong contents
+    assert cache.get(IDENTITY) is None
+    assert not (tmp_path / f"{cache.key(IDENTITY)}.kv").exists()
+
+
+def test_least_recently_used_entries_go_first(tmp_path):
+    import os
+    import time
+
+    cache = KVCache(tmp_path, limit=2500)
+    ids = [{**IDENTITY, "document": str(i)} for i in range(3)]
+    for i, ident in enumerate(ids[:2]):
+        path = cache.put(ident, [i], {}, b"z" * 1000, {})
+        os.utime(path, (time.time() - 100 + i, time.time() - 100 + i))
+    assert cache.get(ids[0]) is not None  # touch the older one: now the newer one is least recent
+    cache.put(ids[2], [2], {}, b"z" * 1000, {})
+    assert cache.get(ids[0]) is not None and cache.get(ids[2]) is not None
+    assert cache.get(ids[1]) is None
+    assert cache.clear() == 2

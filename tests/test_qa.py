@@ -1,0 +1,122 @@
+"""Questions about a document on the real model: the document is ingested once and restored exactly."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from selfextend_local.cli import main
+from selfextend_local.corpus import pydoc_text
+from selfextend_local.kvcache import KVCache
+from selfextend_local.qa import DocumentQA
+from selfextend_local.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+
+GREEDY = SamplingSettings(temperature=0, max_tokens=16)
+EXTEND = ExtendSettings(group=4, window=256)  # grouping happens inside this ~1.5k-token document
+DOC = pydoc_text()[:6000]
+Q1, Q2 = "What does the assert statement do?", "What is a generator?"
+
+
+def answer(doc: DocumentQA, question: str):
+    chunks = list(doc.ask(question))
+    return "".join(c.text for c in chunks), chunks[-1]
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return KVCache(tmp_path / "kv")
+
+
+def fresh_answer(model, question):
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY) as doc:
+        return answer(doc, question)[0]
+
+
+def test_second_question_ingests_only_the_question(model, cache):
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
+        first, last1 = answer(doc, Q1)
+        second, last2 = answer(doc, Q2)
+        n_doc = len(doc.doc_tokens)
+    assert last1.reused_tokens == 0
+    assert last2.reused_tokens == n_doc and last2.prompt_tokens - n_doc < 30
+    assert second == fresh_answer(model, Q2)  # the restored document state is the ingested one
+
+
+def test_later_run_restores_the_document_from_disk(model, cache):
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
+        assert doc.load() == "ingested"
+        want = answer(doc, Q1)[0]
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
+        assert doc.load() == "cache"
+        got, last = answer(doc, Q1)
+    assert got == want and last.reused_tokens == len(doc.doc_tokens)
+
+
+def test_corrupt_entry_is_rebuilt_not_used(model, cache):
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
+        doc.load()
+        want = answer(doc, Q1)[0]
+    (entry,) = cache.entries()
+    data = bytearray(entry.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.path.write_bytes(bytes(data))
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
+        assert doc.load() == "ingested"
+        assert answer(doc, Q1)[0] == want
+    assert len(cache.entries()) == 1  # rebuilt
+
+
+def test_other_settings_do_not_share_an_entry(model, cache):
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
+        doc.load()
+    other = ExtendSettings(group=4, window=256, schedule="llamacpp")
+    with DocumentQA(model, DOC, other, RuntimeSettings(), GREEDY, cache) as doc:
+        assert doc.load() == "ingested"
+    assert len(cache.entries()) == 2
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(main, list(args), input=input)
+
+
+def test_cli_qa_and_cache_commands(tmp_path):
+    path = tmp_path / "doc.md"
+    path.write_text(DOC)
+    kv = str(tmp_path / "kv")
+    args = ["qa", "--doc", str(path), "--cache-dir", kv, "--temperature", "0", "-n", "8", "-g", "4", "-w", "256"]
+    first = run(*args, Q1, "-q", Q2)
+    assert first.exit_code == 0, first.output
+    assert f"Q: {Q1}" in first.stdout and f"Q: {Q2}" in first.stdout
+    assert "(ingested)" in first.stderr
+    second = run(*args, Q1)
+    assert "restored from the cache" in second.stderr
+    listed = run("cache", "list", "--cache-dir", kv)
+    assert listed.exit_code == 0 and "G4 W256 neighbor" in listed.stdout
+    cleared = run("cache", "clear", "--cache-dir", kv)
+    assert "removed 1 entries" in cleared.stderr
+    assert run(*args, "--no-cache", Q1).exit_code == 0 and not list((tmp_path / "kv").glob("*.kv"))
+
+
+def test_cli_interactive(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text(DOC)
+    result = run("qa", "--doc", str(path), "--no-cache", "-i", "--temperature", "0", "-n", "6", input=f"{Q1}\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [(lambda p: p / "nope.txt", "document not found"), (lambda p: p, "is a directory")],
+)
+def test_cli_bad_documents(tmp_path, make, message):
+    result = run("qa", "--doc", str(make(tmp_path)), "What?")
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_cli_document_beyond_any_setting(tmp_path):
+    path = tmp_path / "huge.txt"
+    path.write_text("The grass is green and the sky is blue. " * 60_000)  # ~600k tokens
+    result = run("qa", "--doc", str(path), "--no-cache", "What colour is the grass?")
+    assert result.exit_code == 1, result.output
+    assert "shorten the input" in result.stderr and "Traceback" not in result.output

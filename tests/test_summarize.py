@@ -1,0 +1,106 @@
+"""Batch summarisation: records, resumption, a kill in the middle, failures, and long files in parts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from click.testing import CliRunner
+
+from selfextend_local.cli import main
+from selfextend_local.corpus import pydoc_text
+from selfextend_local.summarize import RecordLog
+
+FAST = ["--temperature", "0", "-n", "8"]
+
+
+def make_files(folder, n=4, chars=1500):
+    text = pydoc_text()
+    files = []
+    for i in range(n):
+        path = folder / f"doc{i}.txt"
+        path.write_text(text[i * chars : (i + 1) * chars])
+        files.append(path)
+    return files
+
+
+def read_records(path):
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines]  # fails on any broken line
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_records_failures_and_resume(tmp_path):
+    files = make_files(tmp_path, 3)
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "empty.txt").write_text("")
+    inputs = [str(p) for p in files] + [str(tmp_path / "blob.bin"), str(tmp_path / "empty.txt")]
+    out = tmp_path / "out.jsonl"
+    first = run("summarize", *inputs, "--out", str(out), *FAST)
+    assert first.exit_code == 1, first.output  # two files failed
+    records = read_records(out)
+    assert [r["path"] for r in records] == inputs
+    for r in records[:3]:
+        assert r["error"] is None and r["summary"] and r["method"] == "direct"
+        assert r["prompt_tokens"] > 100 and r["summary_tokens"] > 0 and r["seconds"] > 0 and len(r["sha256"]) == 64
+    assert "binary" in records[3]["error"] and "empty" in records[4]["error"]
+    second = run("summarize", *inputs, "--out", str(out), *FAST)
+    assert "0 summarised (0 failed), 5 already done" in second.stderr
+    assert read_records(out) == records
+    files[0].write_text("Changed content: the meeting moved to Tuesday.")
+    third = run("summarize", *inputs, "--out", str(out), *FAST)
+    assert "1 summarised" in third.stderr
+    again = read_records(out)
+    assert sorted(r["path"] for r in again) == sorted(inputs)  # one record per file, the stale one replaced
+
+
+def test_kill_in_the_middle_then_resume(tmp_path):
+    files = make_files(tmp_path, 6)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "selfextend_local.cli", "summarize", *map(str, files), "--out", str(out), *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = read_records(out)
+    assert 2 <= len(partial) < 6
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    records = read_records(out)
+    assert sorted(r["path"] for r in records) == sorted(map(str, files))
+    assert all(r["error"] is None for r in records)
+
+
+def test_torn_last_line_is_repaired(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"path": "a", "error": None}) + "\n" + '{"path": "b", "summ')
+    log = RecordLog(out)
+    assert [r["path"] for r in log.records] == ["a"]
+    assert read_records(out) == [{"path": "a", "error": None}]
+
+
+def test_long_file_goes_in_parts(tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text(pydoc_text()[:6000])
+    out = tmp_path / "out.jsonl"
+    result = run("summarize", str(path), "--out", str(out), "--ctx", "512", *FAST)
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(out)
+    assert record["method"] == "parts" and record["parts"] >= 3 and record["summary"]
+
+
+def test_custom_prompt_and_bad_prompt(tmp_path):
+    (path,) = make_files(tmp_path, 1)
+    out = tmp_path / "out.jsonl"
+    ok = run("summarize", str(path), "--out", str(out), "--prompt", "List three keywords of:\n{text}", *FAST)
+    assert ok.exit_code == 0 and read_records(out)[0]["settings"]["prompt"].startswith("List three")
+    bad = run("summarize", str(path), "--out", str(out), "--prompt", "no placeholder")
+    assert bad.exit_code == 1 and "must contain {text}" in bad.stderr
