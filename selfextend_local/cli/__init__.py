@@ -21,6 +21,7 @@ COMMANDS = {
     "qa": "docs:qa",
     "summarize": "docs:summarize",
     "cache": "docs:cache",
+    "serve": "serve:serve",
 }
 
 

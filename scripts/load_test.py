@@ -1,0 +1,175 @@
+"""Load test of `selfextend-local serve` on loopback, and the server's decode speed beside the engine's.
+
+Starts a server (unless --url) on 127.0.0.1, runs K concurrent streaming clients for a fixed time, and
+prints requests/s, tokens/s and latency percentiles (time to first token and total). Then, in the same
+run, it streams one request at a time through the server and through the engine in this process, same
+prompt and settings, and prints both decode speeds and their ratio (best of --repeats, alternating).
+
+    python scripts/load_test.py --clients 4 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "selfextend_local.cli", "serve", "--port", str(port), "--queue-size", "64", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def stream_once(client: httpx.Client, url: str, max_tokens: int, prompt: str) -> dict:
+    """One streamed chat request: arrival time of each content chunk."""
+    start = time.perf_counter()
+    times = []
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code}
+        for line in r.iter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            if event["choices"] and event["choices"][0].get("finish_reason") is None:
+                times.append(time.perf_counter())
+    return {"status": 200, "start": start, "times": times, "end": time.perf_counter()}
+
+
+def decode_speed(times: list[float]) -> float:
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
+
+
+def load(url: str, clients: int, seconds: float, max_tokens: int) -> None:
+    results: list[dict] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client_loop(i: int) -> None:
+        with httpx.Client() as client:
+            while time.perf_counter() < stop_at:
+                r = stream_once(client, url, max_tokens, f"{PROMPT} (variant {i})")
+                with lock:
+                    results.append(r)
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200 and r["times"]]
+    tokens = sum(len(r["times"]) for r in ok)
+    ttft = [r["times"][0] - r["start"] for r in ok]
+    total = [r["end"] - r["start"] for r in ok]
+    print(f"load: {clients} clients for {seconds:.0f} s, max_tokens {max_tokens}")
+    print(f"  requests {len(results)} ({len(ok)} ok, {len(results) - len(ok)} refused or failed) in {wall:.1f} s")
+    print(f"  {len(ok) / wall:.2f} requests/s, {tokens / wall:.1f} generated tokens/s")
+    for name, values in (("time to first token", ttft), ("latency", total)):
+        print(
+            f"  {name:20s} p50 {percentile(values, 50):6.2f} s  p90 {percentile(values, 90):6.2f} s  "
+            f"p99 {percentile(values, 99):6.2f} s"
+        )
+
+
+def engine_stream(model, max_tokens: int) -> list[float]:
+    from selfextend_local.engine import open_session
+    from selfextend_local.generate import stream_generate
+    from selfextend_local.settings import SamplingSettings
+
+    tokens = model.chat_tokens([{"role": "user", "content": PROMPT}])
+    sampling = SamplingSettings(temperature=0, max_tokens=max_tokens)
+    times = []
+    with open_session(model, len(tokens) + max_tokens) as session:
+        for chunk in stream_generate(session, tokens, sampling):
+            if chunk.finish_reason is None:
+                times.append(time.perf_counter())
+    return times
+
+
+def single_request_comparison(url: str, max_tokens: int, repeats: int) -> None:
+    from selfextend_local.engine import load_model
+
+    model = load_model(None)
+    server_tps, engine_tps = [], []
+    with httpx.Client() as client:
+        for r in range(repeats):
+            order = ("server", "engine") if r % 2 == 0 else ("engine", "server")
+            for who in order:
+                if who == "server":
+                    server_tps.append(decode_speed(stream_once(client, url, max_tokens, PROMPT)["times"]))
+                else:
+                    engine_tps.append(decode_speed(engine_stream(model, max_tokens)))
+    s, e = max(server_tps), max(engine_tps)
+    print(
+        f"one request, {max_tokens} tokens, best of {repeats}: server {s:.1f} tok/s, engine {e:.1f} tok/s, "
+        f"server/engine {s / e:.3f}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default=None, help="an already running server on loopback (else one is started)")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--single-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.url and not args.url.startswith(("http://127.", "http://localhost")):
+        raise SystemExit("load tests run against loopback only")
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_server([])
+    try:
+        load(url, args.clients, args.seconds, args.max_tokens)
+        single_request_comparison(url, args.single_tokens, args.repeats)
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""An OpenAI-compatible HTTP server with SelfExtend (FastAPI, uvicorn, SSE through sse-starlette).
+
+Requests run one at a time on a worker thread that owns the model and one session; waiting requests
+sit in a bounded queue, and one more gets an immediate 429. The session is kept between requests: a
+request whose tokens start with what the cache holds ingests only the rest (see Session.prefill for
+when that is exact under SelfExtend). A client that disconnects mid-stream stops its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sse_starlette import EventSourceResponse
+
+from .engine import plan_for
+from .errors import BadInputError, InputTooLongError, SelfExtendError
+from .generate import Chunk, stream_generate
+from .model import Model
+from .session import Session
+from .settings import SCHEDULES, ExtendSettings, RuntimeSettings, SamplingSettings
+
+EXTRA_FIELD = "selfextend"  # the extra body field for per-request settings: {"group": 4, "window": 2048, ...}
+_DEFAULTS = SamplingSettings()
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    queue_size: int = 8
+    max_body_bytes: int = 8 << 20
+    max_tokens: int = 4096
+
+
+class APIError(Exception):
+    """An error in the OpenAI shape: status, message, type, param, code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class SelfExtendOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    group: int | None = Field(default=None, gt=0)
+    window: int | None = Field(default=None, gt=0)
+    schedule: str = "neighbor"
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class CommonRequest(BaseModel):
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, gt=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    stream_options: dict | None = None
+    selfextend: SelfExtendOptions | None = None
+
+
+class ChatRequest(CommonRequest):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(CommonRequest):
+    prompt: str
+
+
+@dataclass
+class Job:
+    tokens: list[int]
+    extend: ExtendSettings
+    sampling: SamplingSettings
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    """Owns the session; runs jobs in order on one thread and streams chunks back to the event loop."""
+
+    def __init__(self, model: Model, runtime: RuntimeSettings, limits: ServerLimits) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.limits = limits
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.pending = 0
+        self.lock = threading.Lock()
+        self.session: Session | None = None
+        self.thread = threading.Thread(target=self._run, name="selfextend-worker", daemon=True)
+        self.thread.start()
+
+    def admit(self) -> bool:
+        """Take a place (running or waiting) if one is free."""
+        with self.lock:
+            if self.pending > self.limits.queue_size:
+                return False
+            self.pending += 1
+            return True
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=10)
+        if self.session:
+            self.session.close()
+
+    def _session_for(self, job: Job) -> Session:
+        plan = plan_for(self.model, len(job.tokens) + job.sampling.max_tokens, job.extend, self.runtime)
+        current = self.session
+        same = current and (current.plan.group, current.plan.window, current.plan.schedule) == (
+            plan.group,
+            plan.window,
+            plan.schedule,
+        )
+        if same and current.n_ctx >= plan.n_ctx:
+            return current
+        if current:
+            current.close()
+        self.session = None
+        self.session = Session(self.model, plan, self.runtime)
+        return self.session
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                if not job.cancelled.is_set():
+                    session = self._session_for(job)
+                    for chunk in stream_generate(session, job.tokens, job.sampling, should_stop=job.cancelled.is_set):
+                        job.loop.call_soon_threadsafe(job.out.put_nowait, chunk)
+                job.loop.call_soon_threadsafe(job.out.put_nowait, None)
+            except Exception as exc:  # delivered to the request, the worker goes on
+                job.loop.call_soon_threadsafe(job.out.put_nowait, exc)
+            finally:
+                with self.lock:
+                    self.pending -= 1
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return APIError(400, f"invalid field {param}: {first['msg']}", param=param)
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"malformed JSON in the request body: {exc}", code="malformed_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return data
+
+
+def create_app(
+    model: Model,
+    runtime: RuntimeSettings | None = None,
+    extend: ExtendSettings | None = None,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+) -> FastAPI:
+    """The ASGI app; ``extend`` holds the server's default group/window (None: planned per request)."""
+    runtime = runtime or RuntimeSettings()
+    limits = limits or ServerLimits()
+    base_extend = extend or ExtendSettings()
+    model_id = model.path.stem
+    worker = Worker(model, runtime, limits)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.stop()
+
+    app = FastAPI(title="selfextend-local", version="1", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return APIError(401, "invalid or missing API key", code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_id, "queued": worker.pending}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        created = int(model.path.stat().st_mtime)
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "local"}],
+        }
+
+    def settings_for(req: CommonRequest) -> tuple[ExtendSettings, SamplingSettings]:
+        if req.max_tokens and req.max_tokens > limits.max_tokens:
+            raise APIError(
+                400, f"max_tokens {req.max_tokens} is over this server's limit {limits.max_tokens}", param="max_tokens"
+            )
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        own = req.selfextend
+        try:
+            if own and own.schedule not in SCHEDULES:
+                raise BadInputError(f"unknown schedule {own.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+            ext = ExtendSettings(
+                own.group if own and own.group else base_extend.group,
+                own.window if own and own.window else base_extend.window,
+                own.schedule if own else base_extend.schedule,
+                base_extend.division,
+            )
+            sampling = SamplingSettings(
+                temperature=_DEFAULTS.temperature if req.temperature is None else req.temperature,
+                top_p=_DEFAULTS.top_p if req.top_p is None else req.top_p,
+                seed=req.seed,
+                max_tokens=req.max_tokens or _DEFAULTS.max_tokens,
+                stop=tuple(s for s in stops if s),
+            )
+        except BadInputError as exc:
+            raise APIError(400, str(exc), param=EXTRA_FIELD) from None
+        return ext, sampling
+
+    async def run_job(tokens: list[int], req: CommonRequest) -> tuple[Job, AsyncIterator[Chunk]]:
+        ext, sampling = settings_for(req)
+        try:
+            plan_for(model, len(tokens) + sampling.max_tokens, ext, runtime)
+        except InputTooLongError as exc:
+            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        except BadInputError as exc:
+            raise APIError(400, str(exc), param=EXTRA_FIELD) from None
+        if not worker.admit():
+            raise APIError(
+                429,
+                "the server is busy: the request queue is full; retry shortly",
+                kind="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        job = Job(tokens, ext, sampling, asyncio.get_running_loop(), asyncio.Queue())
+        worker.submit(job)
+
+        async def chunks() -> AsyncIterator[Chunk]:
+            try:
+                while (item := await job.out.get()) is not None:
+                    if isinstance(item, SelfExtendError):
+                        raise APIError(400, str(item))
+                    if isinstance(item, Exception):
+                        raise APIError(500, f"generation failed: {item}", kind="server_error")
+                    yield item
+            finally:
+                job.cancelled.set()  # a no-op once finished; stops generation if the client went away
+
+        return job, chunks()
+
+    async def respond(req: CommonRequest, tokens: list[int], chat: bool):
+        _, chunks = await run_job(tokens, req)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return EventSourceResponse(_events(chunks, rid, created, model_id, chat, include_usage), ping=15)
+        parts, last = [], None
+        async for last in chunks:
+            parts.append(last.text)
+        text = "".join(parts)
+        choice = {"index": 0, "finish_reason": _finish(last)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice.update(text=text, logprobs=None)
+        return {
+            "id": rid,
+            "object": kind,
+            "created": created,
+            "model": model_id,
+            "choices": [choice],
+            "usage": _usage(last, len(tokens)),
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        data = await _read_json(request, limits.max_body_bytes)
+        try:
+            req = ChatRequest.model_validate(data)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        messages = [m.model_dump() for m in req.messages]
+        try:
+            tokens = (
+                model.chat_tokens(messages)
+                if model.info.chat_template
+                else model.tokenize("\n".join(m["content"] for m in messages))
+            )
+        except SelfExtendError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        return await respond(req, tokens, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        data = await _read_json(request, limits.max_body_bytes)
+        try:
+            req = CompletionRequest.model_validate(data)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        if not req.prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        return await respond(req, model.tokenize(req.prompt), chat=False)
+
+    return app
+
+
+def _finish(chunk: Chunk | None) -> str:
+    return "length" if chunk and chunk.finish_reason == "length" else "stop"
+
+
+def _usage(chunk: Chunk | None, prompt_tokens: int) -> dict:
+    """OpenAI's usage, with the prompt tokens reused from the cache as ``cached_tokens``."""
+    completion = chunk.generated_tokens if chunk else 0
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": chunk.reused_tokens if chunk else 0},
+    }
+
+
+async def _events(chunks, rid: str, created: int, model_id: str, chat: bool, include_usage: bool):
+    """Server-sent events in the OpenAI streaming shape, ending with ``[DONE]``."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    last = None
+    first = True
+    try:
+        async for last in chunks:
+            if last.finish_reason is not None:
+                break
+            if chat:
+                delta = {"role": "assistant", "content": last.text} if first else {"content": last.text}
+                choice = {"index": 0, "delta": delta, "finish_reason": None}
+            else:
+                choice = {"index": 0, "text": last.text, "logprobs": None, "finish_reason": None}
+            first = False
+            yield {
+                "data": json.dumps(
+                    {"id": rid, "object": kind, "created": created, "model": model_id, "choices": [choice]}
+                )
+            }
+        tail = {"index": 0, "finish_reason": _finish(last)}
+        tail.update(
+            {"delta": {"content": last.text if last else ""}}
+            if chat
+            else {"text": last.text if last else "", "logprobs": None}
+        )
+        yield {
+            "data": json.dumps({"id": rid, "object": kind, "created": created, "model": model_id, "choices": [tail]})
+        }
+        if include_usage and last is not None:
+            yield {
+                "data": json.dumps(
+                    {
+                        "id": rid,
+                        "object": kind,
+                        "created": created,
+                        "model": model_id,
+                        "choices": [],
+                        "usage": _usage(last, last.prompt_tokens),
+                    }
+                )
+            }
+        yield {"data": "[DONE]"}
+    except APIError as exc:
+        yield {"data": json.dumps({"error": {"message": exc.message, "type": exc.kind, "code": exc.code}})}

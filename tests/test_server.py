@@ -1,0 +1,208 @@
+"""The OpenAI-compatible server, started as a subprocess on a free loopback port, driven by `openai`."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from selfextend_local.corpus import pydoc_text
+
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str):
+    port = free_port()
+    cmd = [sys.executable, "-m", "selfextend_local.cli", "serve", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"server did not start: {proc.stdout.read()}")
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start_server("--api-key", KEY, "--queue-size", "2")
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_chat_completion(client):
+    reply = client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, temperature=0
+    )
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 5 and 0 < reply.usage.completion_tokens <= 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streamed_chat_matches_unstreamed(client):
+    messages = [{"role": "user", "content": "Write one sentence about rivers."}]
+    whole = client.chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    pieces, finish, usage = [], None, None
+    for event in stream:
+        if event.usage:
+            usage = event.usage
+        for choice in event.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completion_and_stop(client):
+    reply = client.completions.create(model="m", prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"])
+    text = reply.choices[0].text
+    assert reply.object == "text_completion" and " 7" not in text and "5" in text
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_model_list(client):
+    (model,) = client.models.list().data
+    assert model.id == "SmolLM2-135M-Instruct.Q4_1" and model.object == "model"
+
+
+def test_prefix_is_reused(client):
+    doc = pydoc_text()[:3000]
+    ask = [{"role": "user", "content": doc + "\n\nWhat is this about?"}]
+    first = client.chat.completions.create(model="m", messages=ask, max_tokens=4, temperature=0)
+    ask2 = [
+        {"role": "user", "content": doc + "\n\nWhat is this about?"},
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "Say more."},
+    ]
+    second = client.chat.completions.create(model="m", messages=ask2, max_tokens=4, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens - 1
+
+
+def test_wrong_key_is_401_but_health_is_open(server):
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+
+
+def test_malformed_json_and_bad_fields_are_400(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    bad = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "malformed_json"
+    field = httpx.post(f"{server}/v1/chat/completions", json={"messages": [], "max_tokens": 5}, headers=headers)
+    assert field.status_code == 400 and field.json()["error"]["param"] == "messages"
+    temp = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "temperature": -1}, headers=headers)
+    assert temp.status_code == 400 and temp.json()["error"]["param"] == "temperature"
+    big = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 10**6}, headers=headers)
+    assert big.status_code == 400 and big.json()["error"]["param"] == "max_tokens"
+
+
+def test_over_long_input_is_400_with_the_reason(client):
+    long_text = "The grass is green. The sky is blue. " * 2000  # ~20k tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(
+            model="m", prompt=long_text, max_tokens=4, extra_body={"selfextend": {"group": 2, "window": 2048}}
+        )
+    assert "reaches 14336" in str(err.value) and "--group 4 --window 2048" in str(err.value)
+
+
+def test_disconnect_mid_stream_frees_the_server(server, client):
+    with httpx.stream(
+        "POST",
+        f"{server}/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"prompt": "1, 2, 3, 4,", "max_tokens": 2000, "temperature": 0, "stream": True},
+        timeout=60,
+    ) as response:
+        lines = response.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert any(line.startswith("data:") for line in got)
+    deadline = time.time() + 20  # 2000 tokens would take far longer than this on two cores
+    while time.time() < deadline and httpx.get(f"{server}/health").json()["queued"]:
+        time.sleep(0.2)
+    assert httpx.get(f"{server}/health").json()["queued"] == 0
+    reply = client.completions.create(model="m", prompt="Hello", max_tokens=3, temperature=0)
+    assert reply.choices[0].text is not None
+
+
+def test_burst_beyond_the_queue_gets_429_and_nothing_hangs(server):
+    def one(i):
+        try:
+            r = httpx.post(
+                f"{server}/v1/completions",
+                headers={"Authorization": f"Bearer {KEY}"},
+                json={"prompt": f"Story {i}:", "max_tokens": 24, "temperature": 0},
+                timeout=120,
+            )
+            return r.status_code, r.headers.get("retry-after")
+        except httpx.HTTPError as exc:
+            return repr(exc), None
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(10)))
+    codes = [code for code, _ in results]
+    assert set(codes) <= {200, 429}, results
+    assert codes.count(200) >= 3 and codes.count(429) >= 1
+    assert all(retry == "1" for code, retry in results if code == 429)
+
+
+@pytest.mark.slow
+def test_long_input_same_answer_as_generate(tmp_path):
+    text = pydoc_text()[:38000]  # ~9.5k tokens: past the 8k training context
+    args = ["-g", "4", "-w", "2048", "--temperature", "0", "-n", "24"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "selfextend_local.cli", "generate", "--raw", *args],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ},
+    )
+    assert cli.returncode == 0, cli.stderr
+    proc, url = start_server("-g", "4", "-w", "2048")
+    try:
+        reply = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=900).completions.create(
+            model="m", prompt=text, max_tokens=24, temperature=0
+        )
+    finally:
+        stop_server(proc)
+    assert reply.usage.prompt_tokens > 8192
+    assert reply.choices[0].text == cli.stdout.rstrip("\n")
