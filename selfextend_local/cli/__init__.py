@@ -22,6 +22,10 @@ COMMANDS = {
     "summarize": "docs:summarize",
     "cache": "docs:cache",
     "serve": "serve:serve",
+    "passkey": "evals:passkey",
+    "ppl": "evals:ppl",
+    "validate": "evals:validate",
+    "convert": "evals:convert",
 }
 
 
