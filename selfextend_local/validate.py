@@ -37,9 +37,10 @@ def compare_logits(
     sessions = [Session(m, plan, runtime) for m in [reference, *candidates]]
     try:
         chunk = sessions[0].chunk
+        logits: list[np.ndarray] = []
         for start in range(0, len(tokens), chunk):
             part = tokens[start : start + chunk]
-            logits = []
+            logits.clear()
             for session in sessions:
                 session.ingest(part, on_logits=lambda off, lg: logits.append(lg))
             stop = min(start + len(part), n)
