@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from .engine import open_session
-from .errors import InputTooLongError
+from .errors import InputTooLongError, Interrupted
 from .generate import Chunk, stream_generate
 from .model import Model
-from .session import Interrupted, Progress, Session
+from .session import Progress, Session
 from .settings import ExtendSettings, RuntimeSettings, SamplingSettings
 
 

@@ -24,3 +24,7 @@ class InputTooLongError(SelfExtendError):
 
 class EngineError(SelfExtendError):
     """llama.cpp refused an operation (decode failure, out of memory)."""
+
+
+class Interrupted(SelfExtendError):
+    """Work stopped at a safe point because the user asked it to (Ctrl-C)."""

@@ -323,13 +323,16 @@ def create_app(
             "usage": _usage(last, len(tokens)),
         }
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def parse(request: Request, schema: type[CommonRequest]):
         data = await _read_json(request, limits.max_body_bytes)
         try:
-            req = ChatRequest.model_validate(data)
+            return schema.model_validate(data)
         except ValidationError as exc:
             raise _validation_error(exc) from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await parse(request, ChatRequest)
         messages = [m.model_dump() for m in req.messages]
         try:
             tokens = (
@@ -343,11 +346,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        data = await _read_json(request, limits.max_body_bytes)
-        try:
-            req = CompletionRequest.model_validate(data)
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
+        req = await parse(request, CompletionRequest)
         if not req.prompt:
             raise APIError(400, "prompt is empty", param="prompt")
         return await respond(req, model.tokenize(req.prompt), chat=False)

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import llama_log
 from .division import Divider, choose_divider
-from .errors import EngineError, ModelError
+from .errors import EngineError, Interrupted, ModelError
 from .model import Model
 from .planning import Plan
 from .schedules import Add, Op, Schedule, make_schedule
@@ -34,10 +34,6 @@ class RopeOverride:
 
     kind: str  # "linear" or "yarn"
     factor: float
-
-
-class Interrupted(Exception):
-    """Ingestion stopped between chunks because the caller asked it to."""
 
 
 class Session:

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from ..errors import BadInputError, SelfExtendError
+from ..errors import BadInputError, Interrupted, SelfExtendError
 
 DEBUG_ENV = "SELFEXTEND_LOCAL_DEBUG"
 
@@ -51,6 +51,9 @@ class LazyGroup(click.Group):
             message = str(exc)
             if isinstance(exc, BadInputError):
                 raise click.UsageError(message) from None
+            if isinstance(exc, Interrupted):  # Ctrl-C between chunks: exit with the shell's code for SIGINT
+                click.echo(f"interrupted: {message}", err=True)
+                ctx.exit(130)
             raise click.ClickException(message) from None
 
 

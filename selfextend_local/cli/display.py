@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import click
@@ -94,3 +94,21 @@ def stats_line(chunk, plan_text: str) -> str:
         f"{chunk.generated_tokens} tokens in {chunk.generate_seconds:.2f} s ({chunk.generate_tps:,.1f} tok/s); "
         f"finish: {chunk.finish_reason}; {plan_text}"
     )
+
+
+def render_stream(make_chunks: Callable[[IngestProgress, StopFlag], Iterable], label: str = "ingesting"):
+    """Stream the chunks' text to stdout, with the ingestion bar on stderr and Ctrl-C stopping the reply.
+
+    Returns the last chunk (its counts, timings and finish reason), or None.
+    """
+    progress = IngestProgress(label)
+    last = None
+    with ctrl_c_stops() as stop:
+        try:
+            for last in make_chunks(progress, stop):
+                click.echo(last.text, nl=False)
+                sys.stdout.flush()
+        finally:
+            progress.close()
+    click.echo()
+    return last

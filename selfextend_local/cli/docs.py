@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .display import IngestProgress, ctrl_c_stops, log, note, stats_line
+from .display import IngestProgress, ctrl_c_stops, log, note, render_stream, stats_line
 from .options import extend_options, log_options, model_option, runtime_options, sampling_options
 from .run import describe_session, load_for_cli
 
@@ -36,16 +36,7 @@ def _cache(cache_dir: Path | None, cache_size: float):
 
 
 def _answer(qa, question: str) -> None:
-    progress = IngestProgress("reading document")
-    last = None
-    with ctrl_c_stops() as stop:
-        try:
-            for last in qa.ask(question, progress, stop):
-                click.echo(last.text, nl=False)
-                sys.stdout.flush()
-        finally:
-            progress.close()
-    click.echo()
+    last = render_stream(lambda progress, stop: qa.ask(question, progress, stop), "reading document")
     if last is not None:
         note(stats_line(last, qa.session.plan.describe()))
 

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..errors import BadInputError
-from .display import IngestProgress, ctrl_c_stops, log, note, stats_line
+from .display import log, note, render_stream, stats_line
 from .options import extend_options, log_options, model_option, runtime_options, sampling_options
 
 
@@ -79,16 +79,7 @@ def generate(prompt, file, raw, system, model, runtime, extend, sampling, verbos
         tokens = llm.chat_tokens(messages) if llm.info.chat_template else llm.tokenize(text)
     with open_session(llm, len(tokens) + sampling.max_tokens, extend, runtime) as session:
         describe_session(session)
-        progress = IngestProgress()
-        last = None
-        with ctrl_c_stops() as stop:
-            try:
-                for last in stream_generate(session, tokens, sampling, progress, stop):
-                    click.echo(last.text, nl=False)
-                    sys.stdout.flush()
-            finally:
-                progress.close()
-        click.echo()
+        last = render_stream(lambda progress, stop: stream_generate(session, tokens, sampling, progress, stop))
         if last is not None:
             note(stats_line(last, session.plan.describe()))
 
@@ -131,21 +122,13 @@ def chat(system, model, runtime, extend, sampling, verbose) -> None:
 
 
 def _chat_turn(conversation, text: str) -> None:
-    from ..session import Interrupted
+    from ..errors import Interrupted
 
-    progress = IngestProgress()
-    last = None
-    with ctrl_c_stops() as stop:
-        try:
-            for last in conversation.reply(text, progress, stop):
-                click.echo(last.text, nl=False)
-                sys.stdout.flush()
-        except Interrupted:
-            log("\n(interrupted while reading the prompt)")
-            return
-        finally:
-            progress.close()
-    click.echo()
+    try:
+        last = render_stream(lambda progress, stop: conversation.reply(text, progress, stop))
+    except Interrupted:
+        log("\n(interrupted while reading the prompt)")
+        return
     if last is not None and last.finish_reason == "interrupted":
         log("(reply stopped)")
     if last is not None and conversation.session:
