@@ -108,3 +108,12 @@ def test_chat_two_turns_and_reset(run):
     assert "(conversation reset)" in result.stderr
     replies = [line for line in result.stdout.split(">>> ") if line.strip()]
     assert len(replies) == 2
+
+
+def test_chat_survives_a_message_that_is_too_long(run):
+    too_long = "The grass is green. " * 300  # over --ctx 512
+    result = run("chat", "--ctx", "512", "--temperature", "0", "-n", "6", input=f"{too_long}\nHello!\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "Error: the input needs" in result.stderr and "--ctx" in result.stderr
+    replies = [line for line in result.stdout.split(">>> ") if line.strip()]
+    assert len(replies) == 1  # the next message was answered

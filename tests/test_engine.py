@@ -110,3 +110,27 @@ def test_perplexity_at_4k_is_close_to_plain(model, pydoc_tokens, runtime):
         ext_ppl = float(np.exp(token_nlls(extended, tokens).mean()))
     print(f"4k PPL plain {plain_ppl:.3f} neighbor G4 W1024 {ext_ppl:.3f}")
     assert ext_ppl == pytest.approx(plain_ppl, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"rope_type": "none"}, "has no rotary position embedding"),
+        ({"rope_type": "m-rope"}, "refuses position edits"),
+        ({"rope_scaling": "yarn"}, "re-applies YaRN's magnitude scale"),
+        ({"sliding_window": 4096}, "sliding-window attention"),
+    ],
+)
+def test_models_that_cannot_be_extended_are_refused(change, reason):
+    import dataclasses
+
+    from selfextend_local.errors import ModelError
+    from selfextend_local.model import Model
+    from selfextend_local.paths import bundled_model
+
+    with Model(bundled_model()) as unusual:
+        unusual.__dict__["info"] = dataclasses.replace(unusual.info, **change)  # what its GGUF would say
+        with pytest.raises(ModelError, match=reason):
+            make_session(unusual, RuntimeSettings(), 256, 4, 64)
+        with make_session(unusual, RuntimeSettings(), 256) as plain:  # without extension it still runs
+            plain.ingest(unusual.tokenize("Hello there"))

@@ -122,12 +122,15 @@ def chat(system, model, runtime, extend, sampling, verbose) -> None:
 
 
 def _chat_turn(conversation, text: str) -> None:
-    from ..errors import Interrupted
+    from ..errors import Interrupted, SelfExtendError
 
     try:
         last = render_stream(lambda progress, stop: conversation.reply(text, progress, stop))
     except Interrupted:
         log("\n(interrupted while reading the prompt)")
+        return
+    except SelfExtendError as exc:  # e.g. a message beyond the extended limit: say so, keep chatting
+        log(f"Error: {exc}")
         return
     if last is not None and last.finish_reason == "interrupted":
         log("(reply stopped)")
