@@ -151,7 +151,10 @@ def heatmap(results: list[dict], path: str) -> None:
     methods = list(dict.fromkeys(r["method"] for r in results))
     lengths = sorted({r["length"] for r in results})
     depths = sorted({r["depth"] for r in results})
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(methods), figsize=(3.0 * len(methods) + 1.5, 3.6), squeeze=False, sharey=True,
+        gridspec_kw={"wspace": 0.08},
+    )
     for ax, method in zip(axes[0], methods):
         grid_ = np.full((len(depths), len(lengths)), np.nan)
         for i, d in enumerate(depths):
@@ -163,6 +166,7 @@ def heatmap(results: list[dict], path: str) -> None:
         ax.set_title(next(r["label"] for r in results if r["method"] == method), fontsize=9)
         ax.set_xticks(range(len(lengths)), [f"{n // 1000}k" if n >= 1000 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.tick_params(axis="y", labelleft=ax is axes[0][0])
         ax.set_xlabel("context length (tokens)")
         for i in range(len(depths)):
             for j in range(len(lengths)):
