@@ -66,6 +66,17 @@ class EngineRun:
         plan = Plan(group, window, schedule, "auto", n_ctx, model.info.n_ctx_train, "benchmark")
         self.session = Session(model, plan, runtime)
         self.division = self.session.divider.name if self.session.divider else "-"
+        self.edit_seconds = 0.0  # time spent making position edits (the part of the overhead that is ours)
+        self.shifted_decodes = 0
+        apply = self.session.apply
+
+        def timed_apply(ops) -> None:
+            start = time.perf_counter()
+            apply(ops)
+            self.edit_seconds += time.perf_counter() - start
+            self.shifted_decodes += bool(ops)
+
+        self.session.apply = timed_apply
 
     def ingest(self, part: list[int], last: bool) -> None:
         self.session.ingest(part)
@@ -124,7 +135,10 @@ def main() -> int:
             for name, chunks in lockstep_pass(runners, tokens, runtime.batch).items():
                 times[name].append(chunks)
                 total = sum(chunks)
-                print(f"  pass {r + 1}: {name:28s} {total:7.2f} s  {len(tokens) / total:8.1f} tok/s", file=sys.stderr)
+                edits = getattr(runners[name], "edit_seconds", 0.0)
+                shifted = getattr(runners[name], "shifted_decodes", 0)
+                print(f"  pass {r + 1}: {name:28s} {total:7.2f} s  {len(tokens) / total:8.1f} tok/s  "
+                      f"(position edits {edits:.3f} s before {shifted} decodes)", file=sys.stderr)
         finally:
             for runner in runners.values():
                 runner.close()
