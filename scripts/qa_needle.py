@@ -49,7 +49,7 @@ def main() -> int:
 
     model = load_model(None)
     runtime = RuntimeSettings()
-    sampling = SamplingSettings(temperature=0, max_tokens=16)
+    sampling = SamplingSettings(temperature=0, max_tokens=32)
     found = {"selfextend": 0, "none": 0}
     trials = 0
     for seed in range(args.seeds):
@@ -62,7 +62,7 @@ def main() -> int:
                 start = time.perf_counter()
                 answer = "".join(c.text for c in doc.ask(QUESTION))
                 took = time.perf_counter() - start
-            plain = Plan(1, 1, "neighbor", "auto", -(-(len(prompt) + 16) // 256) * 256, model.info.n_ctx_train, "none")
+            plain = Plan(1, 1, "neighbor", "auto", -(-(len(prompt) + 32) // 256) * 256, model.info.n_ctx_train, "none")
             with Session(model, plain, runtime) as session:
                 baseline, _ = generate(session, prompt, sampling)
             hit, miss = word in answer.lower(), word in baseline.lower()

@@ -67,6 +67,7 @@ def test_convert_commands(tmp_path, ladder):
     assert bad.exit_code == 2 and "unknown quantization" in bad.stderr
 
 
+@pytest.mark.slow
 def test_validate_passes_q8_and_fails_q2_at_default_thresholds(ladder, tmp_path):
     common = ["--reference", str(ladder["F16"]), "--tokens", "768", "-g", "4", "-w", "128", "--passkey-trials", "1"]
     good = run("validate", "--model", str(ladder["Q8_0"]), *common, "--json", str(tmp_path / "q8.json"))
@@ -80,6 +81,7 @@ def test_validate_passes_q8_and_fails_q2_at_default_thresholds(ladder, tmp_path)
     assert worse["mean_kl"] > report["mean_kl"] and worse["p99_kl"] > report["p99_kl"]
 
 
+@pytest.mark.slow
 def test_passkey_command_table_json_and_heatmap(tmp_path):
     result = run(
         "passkey",
