@@ -5,8 +5,12 @@ in lockstep, chunk by chunk in rotating order, each in its own context, so that 
 machine falls on all of them alike. With --repeats R the whole pass is repeated, and each method's time
 is the sum over chunks of that chunk's fastest run (noise only ever adds time).
 
+With --mode whole each method ingests the whole prompt in one call, as the tools do, and the device is
+synchronised only at the end, so on a GPU the position edits for one chunk overlap the previous chunk's
+computation; methods take turns, and each keeps its fastest of --repeats.
+
     python scripts/bench_ingest.py --tokens 8192
-    python scripts/bench_ingest.py --tokens 32768 --group 4 --window 2048 --gpu-layers 99   # on a GPU
+    python scripts/bench_ingest.py --tokens 32768 --group 8 --window 2048 --gpu-layers 99 --mode whole  # GPU
 """
 
 from __future__ import annotations
@@ -51,20 +55,40 @@ class BareLoop:
             batch.logits[i] = last and i == len(part) - 1
         if llama_cpp.llama_decode(self.ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
-        llama_cpp.llama_synchronize(self.ctx)
         self.n_past += len(part)
+
+    def ingest_all(self, tokens: list[int], chunk: int) -> None:
+        for offset in range(0, len(tokens), chunk):
+            self.ingest(tokens[offset : offset + chunk], offset + chunk >= len(tokens))
+        llama_cpp.llama_synchronize(self.ctx)
 
     def close(self) -> None:
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
 
 
+class OnePerPosition:
+    """Emulated division as it was first written, one ``seq_add`` per position (--per-position)."""
+
+    name = "emulated, one shift per position"
+
+    def divide(self, mem, p0: int, p1: int, d: int) -> None:
+        for p in range(max(p0, 0), p1):
+            if p // d != p:
+                llama_cpp.llama_memory_seq_add(mem, 0, p, p + 1, p // d - p)
+
+
 class EngineRun:
     """The engine's session: plain when group is 1, else SelfExtend with the given schedule."""
 
-    def __init__(self, model, n_ctx: int, runtime: RuntimeSettings, group: int, window: int, schedule: str) -> None:
+    def __init__(
+        self, model, n_ctx: int, runtime: RuntimeSettings, group: int, window: int, schedule: str, divider=None
+    ) -> None:
         plan = Plan(group, window, schedule, "auto", n_ctx, model.info.n_ctx_train, "benchmark")
         self.session = Session(model, plan, runtime)
+        if divider and self.session.divider and self.session.divider.name == "emulated":
+            self.session.divider = divider
+        self.ctx = self.session.ctx
         self.division = self.session.divider.name if self.session.divider else "-"
         self.edit_seconds = 0.0  # time spent making position edits (the part of the overhead that is ours)
         self.shifted_decodes = 0
@@ -80,6 +104,9 @@ class EngineRun:
 
     def ingest(self, part: list[int], last: bool) -> None:
         self.session.ingest(part)
+
+    def ingest_all(self, tokens: list[int], chunk: int) -> None:
+        self.session.ingest(tokens)
         llama_cpp.llama_synchronize(self.session.ctx)
 
     def close(self) -> None:
@@ -96,8 +123,20 @@ def lockstep_pass(runners: dict, tokens: list[int], chunk: int) -> dict[str, lis
         for name in names[k % len(names) :] + names[: k % len(names)]:
             start = time.perf_counter()
             runners[name].ingest(part, last)
+            llama_cpp.llama_synchronize(runners[name].ctx)
             seconds[name].append(time.perf_counter() - start)
     return seconds
+
+
+def whole_pass(runners: dict, tokens: list[int], chunk: int, turn: int) -> dict[str, list[float]]:
+    """Each runner ingests everything in one call, in turn; seconds as a one-element list per runner."""
+    names = list(runners)
+    seconds: dict[str, list[float]] = {}
+    for name in names[turn % len(names) :] + names[: turn % len(names)]:
+        start = time.perf_counter()
+        runners[name].ingest_all(tokens, chunk)
+        seconds[name] = [time.perf_counter() - start]
+    return {name: seconds[name] for name in names}
 
 
 def main() -> int:
@@ -110,6 +149,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--gpu-layers", type=int, default=0)
+    parser.add_argument(
+        "--per-position", action="store_true", help="also time neighbor with one seq_add per divided position"
+    )
+    parser.add_argument("--mode", choices=["lockstep", "whole"], default="lockstep")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -126,19 +169,30 @@ def main() -> int:
         f"neighbor G{G} W{W}": lambda: EngineRun(model, n_ctx, runtime, G, W, "neighbor"),
         f"llamacpp G{G} W{W}": lambda: EngineRun(model, n_ctx, runtime, G, W, "llamacpp"),
     }
+    if args.per_position:
+        makers[f"neighbor G{G} W{W}, 1 shift/pos"] = lambda: EngineRun(
+            model, n_ctx, runtime, G, W, "neighbor", OnePerPosition()
+        )
     times: dict[str, list[list[float]]] = {name: [] for name in makers}
     division = "-"
     for r in range(args.repeats):
         runners = {name: make() for name, make in makers.items()}
         division = next((x.division for x in runners.values() if x.division != "-"), division)
         try:
-            for name, chunks in lockstep_pass(runners, tokens, runtime.batch).items():
+            if args.mode == "whole":
+                measured = whole_pass(runners, tokens, runtime.batch, r)
+            else:
+                measured = lockstep_pass(runners, tokens, runtime.batch)
+            for name, chunks in measured.items():
                 times[name].append(chunks)
                 total = sum(chunks)
                 edits = getattr(runners[name], "edit_seconds", 0.0)
                 shifted = getattr(runners[name], "shifted_decodes", 0)
-                print(f"  pass {r + 1}: {name:28s} {total:7.2f} s  {len(tokens) / total:8.1f} tok/s  "
-                      f"(position edits {edits:.3f} s before {shifted} decodes)", file=sys.stderr)
+                print(
+                    f"  pass {r + 1}: {name:28s} {total:7.2f} s  {len(tokens) / total:8.1f} tok/s  "
+                    f"(position edits {edits:.3f} s before {shifted} decodes)",
+                    file=sys.stderr,
+                )
         finally:
             for runner in runners.values():
                 runner.close()
@@ -146,9 +200,12 @@ def main() -> int:
     tps = {name: len(tokens) / sum(map(min, zip(*passes))) for name, passes in times.items()}
     plain = tps["engine plain"]
     names = list(makers)
+    how = f"lockstep, fastest of {args.repeats} per chunk"
+    if args.mode == "whole":
+        how = f"whole prompt in one call, fastest of {args.repeats}"
     print(
         f"\n{len(tokens)} tokens, context {n_ctx}, chunk {runtime.batch}, threads {runtime.threads}, "
-        f"gpu layers {runtime.gpu_layers}, division {division}, lockstep, fastest of {args.repeats} per chunk"
+        f"gpu layers {runtime.gpu_layers}, division {division}, {how}"
     )
     print(f"{'method':30s} {'tok/s':>9s} {'ratio to plain':>15s}")
     for name in names:
@@ -158,7 +215,9 @@ def main() -> int:
         print(f"{name} / engine plain: {tps[name] / plain:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"tokens": len(tokens), "chunk_seconds": times, "tokens_per_second": tps}, f, indent=2)
+            json.dump(
+                {"tokens": len(tokens), "mode": args.mode, "seconds": times, "tokens_per_second": tps}, f, indent=2
+            )
     return 0
 
 

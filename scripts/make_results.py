@@ -2,9 +2,14 @@
 
     python scripts/make_results.py                      # everything (about an hour on two CPU cores)
     python scripts/make_results.py --sections ppl,ladder  # re-measure some sections, keep the others
+    python scripts/make_results.py --gpu-layers 99 --sections probe,bench,ppl,passkey \
+        --group 8 --window 1024 --ppl-tokens 32768 --ppl-bucket 4096 \
+        --passkey-lengths 16384,32768 --passkey-seeds 3 --passkey-kinds digits,word   # on a CUDA build
 
-Sections: probe, reference, ppl, passkey, ladder. Raw figures go to docs/results.json; each run replaces
-the sections it measured and keeps the rest, and the Markdown is rebuilt from the JSON.
+Sections: probe, reference, ppl, passkey, ladder, bench. Raw figures go to docs/results.json; each run
+replaces the sections it measured and keeps the rest, and the Markdown is rebuilt from the JSON. A run
+with --gpu-layers keeps its figures apart (under "gpu", plots named *-gpu.png), so CPU and GPU results
+sit side by side, each from its own machine.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,16 +34,16 @@ from selfextend_local.settings import RuntimeSettings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RAW = DOCS / "results.json"
-SECTIONS = ("probe", "reference", "ppl", "passkey", "ladder")
+SECTIONS = ("probe", "reference", "ppl", "passkey", "ladder", "bench")
 
 
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def measure_probe(model) -> dict:
+def measure_probe(model, runtime) -> dict:
     plan = Plan(4, 64, "neighbor", "auto", 256, model.info.n_ctx_train, "probe")
-    with Session(model, plan, RuntimeSettings()) as s:
+    with Session(model, plan, runtime) as s:
         probe = s.divider.probe
     return {"native_correct": probe.native_correct, "kl": probe.kl, "describe": probe.describe()}
 
@@ -76,42 +82,58 @@ def measure_reference(model) -> dict:
     return {"sanity": sanity, "fidelity": fidelity}
 
 
-def measure_ppl(model, n_tokens: int) -> dict:
+METHODS = ["none", "linear", "yarn", "neighbor", "llamacpp"]
+
+
+def measure_ppl(model, runtime, n_tokens: int, group: int, window: int, bucket: int, plot: str) -> dict:
     from selfextend_local.perplexity import compare_methods, ppl_plot
 
     tokens = long_tokens(model, n_tokens)
     report = compare_methods(
         model,
         tokens,
-        ["none", "linear", "yarn", "neighbor", "llamacpp"],
-        4,
-        2048,
-        RuntimeSettings(),
-        bucket=2048,
+        METHODS,
+        group,
+        window,
+        runtime,
+        bucket=bucket,
         progress_for=lambda m: lambda d, t: None,
     )
-    ppl_plot(report, str(DOCS / "ppl.png"))
-    return report
+    ppl_plot(report, str(DOCS / plot))
+    return {**report, "plot": plot}
 
 
-def measure_passkey(model, lengths, depths, seeds) -> dict:
+def measure_passkey(model, runtime, lengths, depths, seeds, kinds, group: int, window: int, plot: str) -> dict:
     from selfextend_local import passkey as pk
 
-    trials = pk.grid(lengths, depths, list(range(seeds)), ["digits"])
+    trials = pk.grid(lengths, depths, list(range(seeds)), kinds)
     results = pk.run(
         model,
-        ["none", "linear", "yarn", "neighbor", "llamacpp"],
+        METHODS,
         trials,
-        4,
-        2048,
-        RuntimeSettings(),
-        on_result=lambda r: say(f"passkey {r['method']} {r['length']} {r['depth']}: {r['correct']}"),
+        group,
+        window,
+        runtime,
+        on_result=lambda r: say(f"passkey {r['method']} {r['length']} {r['depth']} {r['variant']}: {r['correct']}"),
     )
-    pk.heatmap(results, str(DOCS / "passkey.png"))
-    return {"group": 4, "window": 2048, "results": results}
+    pk.heatmap(results, str(DOCS / plot))
+    return {"group": group, "window": window, "kinds": kinds, "results": results, "plot": plot}
 
 
-def measure_ladder(model, n_tokens: int) -> dict:
+def measure_bench(runtime, n_tokens: int, group: int, window: int) -> dict:
+    """scripts/bench_ingest.py in a child process (whole-prompt mode on a GPU, lockstep on a CPU)."""
+    mode = "whole" if runtime.gpu_layers else "lockstep"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        command = [sys.executable, str(Path(__file__).with_name("bench_ingest.py")), "--tokens", str(n_tokens)]
+        command += ["--group", str(group), "--window", str(window), "--gpu-layers", str(runtime.gpu_layers)]
+        command += ["--mode", mode, "--repeats", "3", "--per-position", "--json", str(out)]
+        subprocess.run(command, check=True, stdout=sys.stderr)
+        report = json.loads(out.read_text())
+    return {"group": group, "window": window, "mode": mode, "tokens_per_second": report["tokens_per_second"]}
+
+
+def measure_ladder(model, runtime, n_tokens: int) -> dict:
     from selfextend_local.convert import LADDER, quantize, rewrite_gguf
     from selfextend_local.model import Model
     from selfextend_local.validate import Thresholds, compare_logits, summarize, verdict
@@ -123,7 +145,7 @@ def measure_ladder(model, n_tokens: int) -> dict:
         candidates = [Model(p) for p in files]
         tokens = long_tokens(reference, n_tokens)
         plan = Plan(4, 2048, "neighbor", "auto", -(-n_tokens // 256) * 256, reference.info.n_ctx_train, "ladder")
-        arrays = compare_logits(candidates, reference, tokens, plan, RuntimeSettings())
+        arrays = compare_logits(candidates, reference, tokens, plan, runtime)
         sizes = {q: p.stat().st_size for q, p in zip(LADDER, files)}
     rows = {}
     for q, a in zip(LADDER, arrays):
@@ -136,28 +158,47 @@ def measure_ladder(model, n_tokens: int) -> dict:
     return {"tokens": n_tokens, "group": 4, "window": 2048, "thresholds": Thresholds().__dict__, "levels": rows}
 
 
+def machine_line(m: dict) -> str:
+    where = f"{m['gpu']} ({m['gpu_layers']} layers offloaded), " if m.get("gpu") else ""
+    return (
+        f"Measured by `python scripts/make_results.py{m.get('flags', '')}` on {m['date']}: {where}"
+        f"{m['cpu']}, {m['threads']} threads, llama-cpp-python {m['llama_cpp']}, model {m['model']}."
+    )
+
+
 def render(raw: dict) -> str:
-    m = raw["machine"]
     out = [
         "# Results",
         "",
-        f"Measured by `python scripts/make_results.py` on {m['date']}: {m['cpu']}, {m['threads']} threads, "
-        f"llama-cpp-python {m['llama_cpp']}, model {m['model']} (no GPU was available for these runs). "
-        "Text: the pydoc topic help (`pydoc_data.topics`). Every figure below is regenerated by that script.",
+        "Every figure below is measured, and regenerated, by `scripts/make_results.py`; the raw numbers are in "
+        "`results.json`. Text: the pydoc topic help (`pydoc_data.topics`).",
+        "",
+        "## On the CPU",
+        "",
+        machine_line(raw["machine"]),
         "",
     ]
+    out += render_part(raw, "CPU", "the longest length that fits in a few minutes per trial on two cores")
+    if gpu := raw.get("gpu"):
+        out += ["## On the GPU", "", machine_line(gpu["machine"]), ""]
+        out += render_part(gpu, "GPU", "16k and 32k tokens")
+    return "\n".join(out)
+
+
+def render_part(raw: dict, where: str, lengths: str) -> list[str]:
+    out: list[str] = []
     if probe := raw.get("probe"):
         out += [
-            "## llama.cpp's `seq_div`",
+            f"### llama.cpp's `seq_div` ({where})",
             "",
             f"Probe: {probe['describe']}. With `--division auto` the engine "
-            "divides by `seq_add` emulation on this build.",
+            + ("uses the native call." if probe["native_correct"] else "divides by `seq_add` emulation on this build."),
             "",
         ]
     if ref := raw.get("reference"):
         s, f = ref["sanity"], ref["fidelity"]
         out += [
-            "## The numpy reference (the paper's exact attention)",
+            "### The numpy reference (the paper's exact attention)",
             "",
             f"Sanity, no extension, {s['tokens']} tokens: top-1 agreement with llama.cpp "
             f"{s['top1_agreement']:.3f}, mean KL {s['mean_kl']:.4f} (llama.cpp computes with quantized "
@@ -177,7 +218,7 @@ def render(raw: dict) -> str:
         from selfextend_local.perplexity import ppl_rows
 
         out += [
-            f"## Perplexity at {ppl['tokens']:,} tokens (training context 8,192)",
+            f"### Perplexity at {ppl['tokens']:,} tokens ({where}; training context 8,192)",
             "",
             f"SelfExtend G={ppl['group']} W={ppl['window']}; linear and YaRN scale by "
             f"{ppl['tokens'] / 8192:.2f} through llama.cpp's context parameters. Columns after 'overall' are "
@@ -187,29 +228,31 @@ def render(raw: dict) -> str:
             format_table(ppl_rows(ppl)),
             "```",
             "",
-            "![perplexity by position](ppl.png)",
+            f"![perplexity by position]({ppl.get('plot', 'ppl.png')})",
             "",
         ]
     if pk := raw.get("passkey"):
         from selfextend_local.passkey import accuracy_table
 
+        kinds = pk.get("kinds", ["digits"])
+        what = "five-digit keys" + (" and one-word needles" if "word" in kinds else "")
         out += [
-            "## Pass-key retrieval (CPU)",
+            f"### Pass-key retrieval ({where})",
             "",
-            f"Five-digit keys, greedy, SelfExtend G={pk['group']} W={pk['window']}; the longest length that "
-            "fits in a few minutes per trial on two cores. Cells: correct/trials.",
+            f"{what.capitalize()}, greedy, SelfExtend G={pk['group']} W={pk['window']}; {lengths}. "
+            "Cells: correct/trials.",
             "",
             "```",
             format_table(accuracy_table(pk["results"])),
             "```",
             "",
-            "![pass-key heatmap](passkey.png)",
+            f"![pass-key heatmap]({pk.get('plot', 'passkey.png')})",
             "",
         ]
     if lad := raw.get("ladder"):
         t = lad["thresholds"]
         out += [
-            f"## Quantization ladder against the F16 reference, {lad['tokens']:,} tokens",
+            f"### Quantization ladder against the F16 reference, {lad['tokens']:,} tokens",
             "",
             "The F16 reference is the bundled Q4_1 model dequantized (`convert dequantize`); each level is "
             f"quantized from it (`convert quantize`). SelfExtend neighbor G={lad['group']} W={lad['window']} on "
@@ -230,47 +273,85 @@ def render(raw: dict) -> str:
                 ]
             )
         out += ["```", format_table(rows), "```", ""]
-    return "\n".join(out)
+    if bench := raw.get("bench"):
+        tps = bench["tokens_per_second"]
+        plain = tps["engine plain"]
+        mode = "whole prompt in one call" if bench["mode"] == "whole" else "lockstep chunks"
+        out += [
+            f"### Ingestion speed ({where}, `scripts/bench_ingest.py`, {mode}, fastest of 3)",
+            "",
+        ]
+        rows = [["method", "tokens/s", "ratio to engine plain"]]
+        rows += [[name, f"{v:.0f}", f"{v / plain:.3f}"] for name, v in tps.items()]
+        out += ["```", format_table(rows), "```", ""]
+    return out
+
+
+def gpu_name() -> str:
+    try:
+        names = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "GPU"
+    return names.splitlines()[0].split(" (")[0].split(": ", 1)[-1] if names.strip() else "GPU"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "bench"))
+    parser.add_argument("--gpu-layers", type=int, default=0)
+    parser.add_argument("--group", type=int, default=4, help="SelfExtend group for ppl, passkey and bench")
+    parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--ppl-tokens", type=int, default=12288)
+    parser.add_argument("--ppl-bucket", type=int, default=2048)
     parser.add_argument("--ladder-tokens", type=int, default=9216)
+    parser.add_argument("--bench-tokens", type=int, default=32768)
     parser.add_argument("--passkey-lengths", default="4096,10240")
     parser.add_argument("--passkey-depths", default="0.2,0.5,0.8")
     parser.add_argument("--passkey-seeds", type=int, default=1)
+    parser.add_argument("--passkey-kinds", default="digits")
     args = parser.parse_args()
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
-    model = load_model(None)
+    runtime = RuntimeSettings(gpu_layers=args.gpu_layers)
+    model = load_model(None, runtime)
     raw = json.loads(RAW.read_text()) if RAW.exists() else {}
+    part = raw.setdefault("gpu", {}) if args.gpu_layers else raw
+    suffix = "-gpu" if args.gpu_layers else ""
     import llama_cpp
 
-    raw["machine"] = {
+    flags = " ".join(sys.argv[1:])
+    part["machine"] = {
         "date": time.strftime("%Y-%m-%d"),
         "cpu": platform.processor() or platform.machine(),
-        "threads": RuntimeSettings().threads,
+        "threads": runtime.threads,
         "llama_cpp": llama_cpp.__version__,
         "model": model.path.name,
+        "flags": f" {flags}" if flags else "",
+        **({"gpu": gpu_name(), "gpu_layers": args.gpu_layers} if args.gpu_layers else {}),
     }
     DOCS.mkdir(exist_ok=True)
+    G, W = args.group, args.window
     jobs = {
-        "probe": lambda: measure_probe(model),
+        "probe": lambda: measure_probe(model, runtime),
         "reference": lambda: measure_reference(model),
-        "ppl": lambda: measure_ppl(model, args.ppl_tokens),
+        "ppl": lambda: measure_ppl(model, runtime, args.ppl_tokens, G, W, args.ppl_bucket, f"ppl{suffix}.png"),
         "passkey": lambda: measure_passkey(
             model,
+            runtime,
             [int(x) for x in args.passkey_lengths.split(",")],
             [float(x) for x in args.passkey_depths.split(",")],
             args.passkey_seeds,
+            args.passkey_kinds.split(","),
+            G,
+            W,
+            f"passkey{suffix}.png",
         ),
-        "ladder": lambda: measure_ladder(model, args.ladder_tokens),
+        "ladder": lambda: measure_ladder(model, runtime, args.ladder_tokens),
+        "bench": lambda: measure_bench(runtime, args.bench_tokens, G, W),
     }
     for name in wanted:
         say(f"measuring {name}")
         start = time.perf_counter()
-        raw[name] = jobs[name]()
+        part[name] = jobs[name]()
         say(f"{name} took {time.perf_counter() - start:.0f} s")
         RAW.write_text(json.dumps(raw, indent=1))
         (DOCS / "RESULTS.md").write_text(render(raw) + "\n")

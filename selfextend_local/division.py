@@ -14,6 +14,7 @@ import llama_cpp
 
 from .errors import BadInputError
 from .metrics import kl_divergence
+from .schedules import division_as_shifts
 
 if TYPE_CHECKING:
     from .session import Session
@@ -32,15 +33,11 @@ def divide_native(mem, p0: int, p1: int, d: int) -> None:
 
 
 def divide_emulated(mem, p0: int, p1: int, d: int) -> None:
-    """Move each position ``p`` of ``[p0, p1)`` to ``p // d``, lowest first, with ``seq_add``.
-
-    Targets never land on a position not yet moved, because ``p // d <= p``.
-    """
+    """Move each position ``p`` of ``[p0, p1)`` to ``p // d`` with ``seq_add`` alone (see
+    :func:`division_as_shifts`: about ``log2(d) / d`` calls a position)."""
     seq_add = llama_cpp.llama_memory_seq_add
-    for p in range(max(p0, 0), p1):
-        q = p // d
-        if q != p:
-            seq_add(mem, 0, p, p + 1, q - p)
+    for op in division_as_shifts(p0, p1, d):
+        seq_add(mem, 0, op.p0, op.p1, op.delta)
 
 
 @dataclass(frozen=True)

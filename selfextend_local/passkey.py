@@ -152,7 +152,11 @@ def heatmap(results: list[dict], path: str) -> None:
     lengths = sorted({r["length"] for r in results})
     depths = sorted({r["depth"] for r in results})
     fig, axes = plt.subplots(
-        1, len(methods), figsize=(3.0 * len(methods) + 1.5, 3.6), squeeze=False, sharey=True,
+        1,
+        len(methods),
+        figsize=(3.0 * len(methods) + 1.5, 3.6),
+        squeeze=False,
+        sharey=True,
         gridspec_kw={"wspace": 0.08},
     )
     for ax, method in zip(axes[0], methods):

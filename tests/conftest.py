@@ -10,11 +10,16 @@ import pytest
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 
 
+# SELFEXTEND_TEST_GPU_LAYERS=99 runs the engine tests with the model offloaded (a CUDA or Metal build).
+GPU_LAYERS = int(os.environ.get("SELFEXTEND_TEST_GPU_LAYERS", "0"))
+
+
 @pytest.fixture(scope="session")
 def model():
     from selfextend_local.engine import load_model
+    from selfextend_local.settings import RuntimeSettings
 
-    loaded = load_model(None)
+    loaded = load_model(None, RuntimeSettings(gpu_layers=GPU_LAYERS))
     yield loaded
     loaded.close()
 
@@ -23,7 +28,7 @@ def model():
 def runtime():
     from selfextend_local.settings import RuntimeSettings
 
-    return RuntimeSettings()
+    return RuntimeSettings(gpu_layers=GPU_LAYERS)
 
 
 @pytest.fixture(scope="session")

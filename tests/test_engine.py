@@ -64,6 +64,29 @@ def test_probe_verdict_matches_what_native_division_does(model, pydoc_tokens, ru
         assert "DEFECTIVE" in verdict.describe()
 
 
+def test_folded_division_gives_the_logits_of_one_shift_per_position(model, pydoc_tokens, monkeypatch):
+    """The few-calls emulation must leave every key where, and rotated as, one shift per position does."""
+    import selfextend_local.division as division
+
+    def one_shift_per_position(mem, p0, p1, d):
+        for p in range(p0, p1):
+            if p // d != p:
+                llama_cpp.llama_memory_seq_add(mem, 0, p, p + 1, p // d - p)
+
+    runtime = RuntimeSettings(batch=64)
+    tokens = pydoc_tokens[:900]
+    logits = {}
+    for name in ("folded", "per position"):
+        if name == "per position":
+            monkeypatch.setattr(division, "divide_emulated", one_shift_per_position)
+        chunks = []
+        with make_session(model, runtime, 1024, 8, 128, "neighbor", "emulated") as session:
+            session.ingest(tokens, on_logits=lambda offset, lg, out=chunks: out.append(lg.copy()))
+        logits[name] = np.concatenate(chunks)
+    assert logits["folded"].shape == (len(tokens), model.n_vocab)
+    np.testing.assert_allclose(logits["folded"], logits["per position"], rtol=0, atol=1e-4)
+
+
 def test_auto_division_never_uses_a_defective_native_call(model, runtime):
     with make_session(model, runtime, 256, 4, 64, "neighbor", "auto") as session:
         divider = session.divider

@@ -13,6 +13,7 @@ from selfextend_local.schedules import (
     LlamaCppSchedule,
     NeighborSchedule,
     apply_ops,
+    division_as_shifts,
     make_schedule,
     paper_relative_position,
 )
@@ -195,3 +196,23 @@ def test_cut_position_refuses_inside_grouped_region():
     assert schedule.cut_position(g + 64) == g // 4 + 64
     assert schedule.cut_position(g + 10) is None
     assert make_schedule("neighbor", 1, 64).cut_position(5) == 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 70), st.integers(0, 90), st.integers(1, 9), st.integers(1, 6), st.integers(0, 5), st.integers(0, 5)
+)
+def test_division_as_shifts_equals_division(p0, length, d, fold, below, above):
+    """The shifts move exactly the cells of [p0, p1) to p // d, whatever lies below and above."""
+    p1 = p0 + length
+    cells = list(range(max(p0 - below, 0), p1 + above))
+    ops = division_as_shifts(p0, p1, d, fold)
+    assert all(isinstance(op, Add) for op in ops)
+    assert apply_ops(cells, ops) == apply_ops(cells, [Div(p0, p1, d)])
+
+
+@pytest.mark.parametrize("d, calls", [(2, 1), (4, 2), (8, 3), (3, 2), (6, 3)])
+@pytest.mark.parametrize("fold", [1, 4, 64])
+def test_division_as_shifts_needs_log2_calls_a_group_and_one_a_run(d, calls, fold):
+    groups = 64
+    assert len(division_as_shifts(d * 10, d * (10 + groups), d, fold)) == groups * calls + groups // fold
