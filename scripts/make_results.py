@@ -162,7 +162,8 @@ def machine_line(m: dict) -> str:
     where = f"{m['gpu']} ({m['gpu_layers']} layers offloaded), " if m.get("gpu") else ""
     return (
         f"Measured by `python scripts/make_results.py{m.get('flags', '')}` on {m['date']}: {where}"
-        f"{m['cpu']}, {m['threads']} threads, llama-cpp-python {m['llama_cpp']}, model {m['model']}."
+        f"{m['cpu']}, {m['threads']} threads, Python {m.get('python', '3.11')}, llama-cpp-python {m['llama_cpp']}, "
+        f"model {m['model']}."
     )
 
 
@@ -181,6 +182,8 @@ def render(raw: dict) -> str:
     out += render_part(raw, "CPU", "the longest length that fits in a few minutes per trial on two cores")
     if gpu := raw.get("gpu"):
         out += ["## On the GPU", "", machine_line(gpu["machine"]), ""]
+        if note := gpu["machine"].get("note"):
+            out += [note, ""]
         out += render_part(gpu, "GPU", "16k and 32k tokens")
     return "\n".join(out)
 
@@ -287,6 +290,20 @@ def render_part(raw: dict, where: str, lengths: str) -> list[str]:
     return out
 
 
+def redraw(raw: dict) -> int:
+    """Plots from the stored figures (for a run whose process could not draw them, say)."""
+    from selfextend_local.passkey import heatmap
+    from selfextend_local.perplexity import ppl_plot
+
+    for part in (raw, raw.get("gpu", {})):
+        if ppl := part.get("ppl"):
+            ppl_plot(ppl, str(DOCS / ppl.get("plot", "ppl.png")))
+        if pk := part.get("passkey"):
+            heatmap(pk["results"], str(DOCS / pk.get("plot", "passkey.png")))
+    (DOCS / "RESULTS.md").write_text(render(raw) + "\n")
+    return 0
+
+
 def gpu_name() -> str:
     try:
         names = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
@@ -309,7 +326,10 @@ def main() -> int:
     parser.add_argument("--passkey-depths", default="0.2,0.5,0.8")
     parser.add_argument("--passkey-seeds", type=int, default=1)
     parser.add_argument("--passkey-kinds", default="digits")
+    parser.add_argument("--plots-only", action="store_true", help="redraw the plots from results.json, measure nothing")
     args = parser.parse_args()
+    if args.plots_only:
+        return redraw(json.loads(RAW.read_text()))
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     runtime = RuntimeSettings(gpu_layers=args.gpu_layers)
     model = load_model(None, runtime)
@@ -325,6 +345,7 @@ def main() -> int:
         "threads": runtime.threads,
         "llama_cpp": llama_cpp.__version__,
         "model": model.path.name,
+        "python": platform.python_version(),
         "flags": f" {flags}" if flags else "",
         **({"gpu": gpu_name(), "gpu_layers": args.gpu_layers} if args.gpu_layers else {}),
     }
