@@ -6,8 +6,9 @@ machine falls on all of them alike. With --repeats R the whole pass is repeated,
 is the sum over chunks of that chunk's fastest run (noise only ever adds time).
 
 With --mode whole each method ingests the whole prompt in one call, as the tools do, and the device is
-synchronised only at the end, so on a GPU the position edits for one chunk overlap the previous chunk's
-computation; methods take turns, and each keeps its fastest of --repeats.
+synchronised only at the end (use it on a GPU, where per-chunk timing would add a sync the tools never
+make; on the H100 the edits still did not overlap the computation); methods take turns, and each keeps
+its fastest of --repeats.
 
     python scripts/bench_ingest.py --tokens 8192
     python scripts/bench_ingest.py --tokens 32768 --group 8 --window 2048 --gpu-layers 99 --mode whole  # GPU

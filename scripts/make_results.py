@@ -184,7 +184,7 @@ def render(raw: dict) -> str:
         out += ["## On the GPU", "", machine_line(gpu["machine"]), ""]
         if note := gpu["machine"].get("note"):
             out += [note, ""]
-        out += render_part(gpu, "GPU", "16k and 32k tokens")
+        out += render_part(gpu, "GPU", "lengths as in the table")
     return "\n".join(out)
 
 
