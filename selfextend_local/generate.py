@@ -86,23 +86,60 @@ class Chunk:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
 
 
+class _StopAutomaton:
+    """Knuth-Morris-Pratt over one stop string: ``state`` is the length of the longest prefix of the stop
+    that the text seen so far ends with. Each character costs O(1) amortised."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.fail = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+        self.state = 0
+
+    def step(self, char: str) -> bool:
+        """Advance by one character; True when the stop string has just been completed."""
+        k = self.state
+        if k == len(self.stop):
+            k = self.fail[k - 1]
+        while k and char != self.stop[k]:
+            k = self.fail[k - 1]
+        if char == self.stop[k]:
+            k += 1
+        self.state = k
+        return k == len(self.stop)
+
+
 class StopMatcher:
-    """Holds back text that may be the start of a stop string; cuts at the first full match."""
+    """Holds back text that may be the start of a stop string; cuts at the first full match.
+
+    Linear in the text: each character advances one automaton per stop string, and the held-back
+    text is never longer than the longest stop string.
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(stops)
+        self.automata = [_StopAutomaton(s) for s in stops if s]
         self.pending = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Text that is safe to emit now, and whether a stop string was met."""
-        text = self.pending + text
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return text[: min(hits)], True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.pending = text[len(text) - hold :] if hold else ""
-        return text[: len(text) - hold], False
+        if not self.automata:
+            return text, False
+        pending = self.pending + text
+        start = len(self.pending)
+        for i, char in enumerate(text):
+            done = [len(a.stop) for a in self.automata if a.step(char)]
+            if done:  # the first stop string completed; of several at once, the one that began first
+                self.pending = ""
+                return pending[: start + i + 1 - max(done)], True
+        hold = max(a.state for a in self.automata)
+        self.pending = pending[len(pending) - hold :] if hold else ""
+        return pending[: len(pending) - hold], False
 
     def flush(self) -> str:
         text, self.pending = self.pending, ""

@@ -1,9 +1,12 @@
 """An on-disk cache of ingested documents: the KV state plus the schedule state that goes with it.
 
 An entry is keyed by the model file, the SelfExtend settings, the KV cache type, the llama.cpp build and
-the document's tokens. Entries are written to a temporary file and renamed; each carries a checksum, so a
-truncated, corrupt or mismatched entry is detected, deleted and rebuilt, never used. The folder is
-bounded in size: the least recently used entries go first.
+the document's tokens. Layout: magic, header length, JSON header, the tokens, llama.cpp's sequence
+state, and a checksum of everything before it, so no byte of an entry (header included) is used
+unchecked. Entries are written to a temporary file (``.tmp-*.part``, never taken for an entry) and
+renamed; a truncated, corrupt or mismatched entry is deleted and rebuilt, never used. The folder is
+bounded in size: the least recently used entries go first, and temporary files left by a crash are
+removed once they are old enough that no live writer can own them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -19,9 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-MAGIC = b"SXKV1\n"
+MAGIC = b"SXKV2\n"
 DEFAULT_LIMIT = 4 << 30  # bytes
 CACHE_ENV = "SELFEXTEND_LOCAL_CACHE"
+MAX_HEADER = 1 << 20
+DIGEST = 16
+STALE_TEMP_SECONDS = 6 * 3600  # far longer than writing any entry takes
+_TEMP_PREFIX, _TEMP_SUFFIX = ".tmp-", ".part"
+_BLOCK = 8 << 20
 
 
 def default_dir() -> Path:
@@ -31,12 +40,12 @@ def default_dir() -> Path:
     return base / "selfextend-local" / "kv"
 
 
-def _checksum(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
 def tokens_digest(tokens: list[int]) -> str:
     return hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()
+
+
+class CacheWriteError(OSError):
+    """An entry could not be written (read-only folder, disk full, a directory in the way)."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,7 @@ class Entry:
 
     tokens: list[int]
     schedule_state: dict[str, int]
-    state: bytes
+    state: bytearray
     meta: dict
 
 
@@ -55,6 +64,44 @@ class Listed:
     size: int
     last_used: float
     meta: dict
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, or the directory someone put where an entry belongs; never raise."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _read_exact(f, n: int, hasher) -> bytearray:
+    out = bytearray(n)
+    view = memoryview(out)
+    got = 0
+    while got < n:
+        k = f.readinto(view[got : got + _BLOCK])
+        if not k:
+            raise ValueError("truncated entry")
+        got += k
+    hasher.update(out)
+    return out
+
+
+def _read_header(f, size: int) -> tuple[dict, bytes]:
+    start = f.read(len(MAGIC) + 8)
+    if len(start) < len(MAGIC) + 8 or start[: len(MAGIC)] != MAGIC:
+        raise ValueError("not a cache entry")
+    (header_len,) = struct.unpack("<Q", start[len(MAGIC) :])
+    if header_len > min(MAX_HEADER, size):
+        raise ValueError("implausible header")
+    raw = f.read(header_len)
+    meta = json.loads(raw)
+    if not isinstance(meta, dict):
+        raise ValueError("bad header")
+    return meta, start + raw
 
 
 class KVCache:
@@ -78,80 +125,110 @@ class KVCache:
             entry = self._read(path)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, json.JSONDecodeError, struct.error):
-            path.unlink(missing_ok=True)
+        except (OSError, ValueError, KeyError, TypeError, struct.error, MemoryError):
+            self.discard(identity)
             return None
         if entry.meta.get("identity") != identity:
-            path.unlink(missing_ok=True)
+            self.discard(identity)
             return None
-        os.utime(path)  # mark as recently used
+        try:
+            os.utime(path)  # mark as recently used
+        except OSError:
+            pass
         return entry
+
+    def discard(self, identity: dict) -> None:
+        """Delete the entry for ``identity`` (one that failed to restore, say)."""
+        _remove(self._path(self.key(identity)))
 
     def _read(self, path: Path) -> Entry:
         with path.open("rb") as f:
-            if f.read(len(MAGIC)) != MAGIC:
-                raise ValueError("not a cache entry")
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            meta = json.loads(f.read(header_len))
-            tokens = np.frombuffer(f.read(4 * meta["n_tokens"]), dtype=np.int32)
-            state = f.read(meta["state_bytes"])
-            if f.read(1):
-                raise ValueError("trailing data")
-        if len(tokens) != meta["n_tokens"] or len(state) != meta["state_bytes"]:
-            raise ValueError("truncated entry")
-        if _checksum(tokens.tobytes() + state) != meta["checksum"]:
-            raise ValueError("checksum mismatch")
+            size = os.fstat(f.fileno()).st_size
+            meta, head = _read_header(f, size)
+            n_tokens, n_state = int(meta["n_tokens"]), int(meta["state_bytes"])
+            if len(head) + 4 * n_tokens + n_state + DIGEST != size or n_tokens < 0 or n_state < 0:
+                raise ValueError("the entry's size does not match its header")
+            hasher = hashlib.blake2b(head, digest_size=DIGEST)
+            tokens = np.frombuffer(_read_exact(f, 4 * n_tokens, hasher), dtype=np.int32)
+            state = _read_exact(f, n_state, hasher)
+            if f.read(DIGEST + 1) != hasher.digest():
+                raise ValueError("checksum mismatch")
         return Entry(tokens.tolist(), meta["schedule_state"], state, meta)
 
-    def put(self, identity: dict, tokens: list[int], schedule_state: dict[str, int], state: bytes, info: dict) -> Path:
-        """Store an entry (temporary file, then rename), then evict down to the size limit."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def put(self, identity: dict, tokens: list[int], schedule_state: dict[str, int], state, info: dict) -> Path:
+        """Store an entry (temporary file, then rename), then evict down to the size limit.
+
+        ``state`` is any bytes-like object; it is written as it is, not copied. Raises CacheWriteError.
+        """
         token_bytes = np.asarray(tokens, dtype=np.int32).tobytes()
+        state = memoryview(state).cast("B")
         meta = {
             "identity": identity,
             "n_tokens": len(tokens),
             "state_bytes": len(state),
             "schedule_state": schedule_state,
-            "checksum": _checksum(token_bytes + state),
             "created": time.time(),
             **info,
         }
         header = json.dumps(meta).encode()
         path = self._path(self.key(identity))
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".kv")
+        tmp = None
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX)
             with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + struct.pack("<Q", len(header)) + header)
-                f.write(token_bytes)
-                f.write(state)
+                hasher = hashlib.blake2b(digest_size=DIGEST)
+                for part in (MAGIC + struct.pack("<Q", len(header)) + header, token_bytes):
+                    f.write(part)
+                    hasher.update(part)
+                for start in range(0, len(state), _BLOCK):
+                    block = state[start : start + _BLOCK]
+                    f.write(block)
+                    hasher.update(block)
+                f.write(hasher.digest())
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            tmp = None
+        except OSError as exc:
+            raise CacheWriteError(f"the document cache was not written to {self.root}: {exc.strerror or exc}") from exc
+        finally:
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
         self.evict(keep=path)
         return path
 
     def entries(self) -> list[Listed]:
-        """Entries, most recently used first (their headers only)."""
+        """Entries, most recently used first (their headers only); temporary files are not entries."""
         if not self.root.is_dir():
             return []
         out = []
         for path in self.root.glob("*.kv"):
+            if path.name.startswith("."):
+                continue
             try:
                 with path.open("rb") as f:
-                    if f.read(len(MAGIC)) != MAGIC:
-                        continue
-                    (header_len,) = struct.unpack("<Q", f.read(8))
-                    meta = json.loads(f.read(header_len))
+                    meta, _ = _read_header(f, os.fstat(f.fileno()).st_size)
                 stat = path.stat()
             except (OSError, ValueError, struct.error):
                 continue
             out.append(Listed(path, stat.st_size, stat.st_mtime, meta))
         return sorted(out, key=lambda e: e.last_used, reverse=True)
 
+    def _stale_temporaries(self, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+        now = time.time()
+        stale = []
+        for path in self.root.glob(f"{_TEMP_PREFIX}*"):
+            try:
+                if now - path.stat().st_mtime > max_age:
+                    stale.append(path)
+            except OSError:
+                continue
+        return stale
+
     def evict(self, keep: Path | None = None) -> list[Path]:
-        """Delete least recently used entries until the folder fits the limit."""
-        removed = []
+        """Delete least recently used entries until the folder fits the limit, and stale temporaries."""
+        removed = self._stale_temporaries()
+        for path in removed:
+            _remove(path)
         listed = self.entries()
         total = sum(e.size for e in listed)
         for entry in reversed(listed):
@@ -159,17 +236,16 @@ class KVCache:
                 break
             if entry.path == keep:
                 continue
-            entry.path.unlink(missing_ok=True)
+            _remove(entry.path)
             total -= entry.size
             removed.append(entry.path)
         return removed
 
     def clear(self) -> int:
-        """Delete every entry (and leftovers of interrupted writes); returns how many entries went."""
+        """Delete every entry (and temporaries old enough to be leftovers); returns how many entries went."""
         if not self.root.is_dir():
             return 0
-        count = 0
-        for path in list(self.root.glob("*.kv")) + list(self.root.glob(".tmp-*")):
-            path.unlink(missing_ok=True)
-            count += path.suffix == ".kv" and not path.name.startswith(".tmp-")
-        return count
+        entries = [p for p in self.root.glob("*.kv") if not p.name.startswith(".")]
+        for path in entries + self._stale_temporaries():
+            _remove(path)
+        return len(entries)

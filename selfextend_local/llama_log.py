@@ -1,40 +1,54 @@
-"""Route llama.cpp's own log: silent by default, to stderr with verbose, recent errors kept for messages."""
+"""Route llama.cpp's own log: silent by default, to stderr with ``--llama-log``, recent errors kept for
+messages (a model that fails to load says why, in llama.cpp's words, without any flag)."""
 
 from __future__ import annotations
 
 import collections
 import ctypes
+import re
 import sys
 
 import llama_cpp
 
-_GGML_LOG_ERROR = 3
-_GGML_LOG_CONT = 5
+# ggml.h: enum ggml_log_level
+GGML_LOG_WARN = 3
+GGML_LOG_ERROR = 4
+GGML_LOG_CONT = 5
 
-_state = {"verbose": False, "last_level": 0}
+_state = {"echo": False, "last_level": 0}
 _recent_errors: collections.deque[str] = collections.deque(maxlen=20)
 
 
 @llama_cpp.llama_log_callback
 def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    if level == _GGML_LOG_CONT:
-        level = _state["last_level"]
-    _state["last_level"] = level
     message = text.decode("utf-8", errors="replace")
-    if level == _GGML_LOG_ERROR and message.strip():
+    if level == GGML_LOG_CONT:
+        level = _state["last_level"]
+        if level == GGML_LOG_ERROR and _recent_errors:  # the rest of the previous error line
+            _recent_errors[-1] = (_recent_errors[-1] + message).strip()
+    elif level == GGML_LOG_ERROR and message.strip():
         _recent_errors.append(message.strip())
-    if _state["verbose"]:
+    _state["last_level"] = level
+    if _state["echo"]:
         sys.stderr.write(message)
 
 
-def set_verbose(verbose: bool) -> None:
+def set_echo(echo: bool) -> None:
     """Show llama.cpp's log on stderr (True) or keep it quiet (False)."""
-    _state["verbose"] = verbose
+    _state["echo"] = echo
 
 
 def last_error() -> str:
-    """The most recent error line llama.cpp logged, or an empty string."""
-    return _recent_errors[-1] if _recent_errors else ""
+    """The first error llama.cpp logged since :func:`clear_errors` (the cause; later lines are its
+    consequences), without the function names it starts with, or an empty string."""
+    if not _recent_errors:
+        return ""
+    return re.sub(r"^(?:[A-Za-z_][\w:]*: )+(?:error loading model: )?", "", _recent_errors[0])
+
+
+def clear_errors() -> None:
+    """Forget earlier errors, so that a message quotes only what the next call logs."""
+    _recent_errors.clear()
 
 
 def install() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import re
+import stat
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -31,12 +33,21 @@ def _init_backend() -> None:
 
 def check_gguf_file(path: Path) -> None:
     """Raise ModelError unless ``path`` is a readable GGUF file."""
-    if not path.exists():
-        raise ModelError(f"model file not found: {path}")
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ModelError(f"model file not found: {path}") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
         raise ModelError(f"{path} is a directory; pass a .gguf file")
-    with path.open("rb") as f:
-        magic = f.read(4)
+    if not stat.S_ISREG(mode):
+        raise ModelError(f"{path} is not a regular file (a FIFO, socket or device); pass a .gguf file")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
     if magic != b"GGUF":
         raise ModelError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf model")
 
@@ -58,6 +69,8 @@ class ModelInfo:
     size_bytes: int
     n_layers: int
     chat_template: str | None
+    n_embd_k: int = 0  # per layer and token: K width over all KV heads (for memory estimates)
+    n_embd_v: int = 0
 
     @property
     def extendable_reason(self) -> str | None:
@@ -84,15 +97,20 @@ class Model:
 
     def __init__(self, path: str | Path, gpu_layers: int = 0, vocab_only: bool = False) -> None:
         self.path = Path(path)
+        self.vocab_only = vocab_only
         check_gguf_file(self.path)
         _init_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
         params.vocab_only = vocab_only
+        llama_log.clear_errors()
         handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             detail = llama_log.last_error()
-            raise ModelError(f"llama.cpp could not load {self.path}" + (f": {detail}" if detail else ""))
+            raise ModelError(
+                f"llama.cpp could not load {self.path}"
+                + (f": {detail}" if detail else "; the file may be truncated or damaged (run with --llama-log)")
+            )
         self.handle = handle
         self.vocab = llama_cpp.llama_model_get_vocab(handle)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -129,6 +147,7 @@ class Model:
         except ValueError:
             quant = f"type {file_type}"
         base = self.meta(f"{arch}.rope.freq_base")
+        n_embd_k, n_embd_v = (0, 0) if self.vocab_only else self._kv_widths(arch)
         return ModelInfo(
             path=self.path,
             name=self.meta("general.name") or self.path.stem,
@@ -143,7 +162,18 @@ class Model:
             size_bytes=self.path.stat().st_size,
             n_layers=int(self.meta(f"{arch}.block_count") or llama_cpp.llama_model_n_layer(self.handle)),
             chat_template=self.meta("tokenizer.chat_template"),
+            n_embd_k=n_embd_k,
+            n_embd_v=n_embd_v,
         )
+
+    def _kv_widths(self, arch: str) -> tuple[int, int]:
+        """K and V widths a layer caches per token (all KV heads); needs the weights' hyperparameters."""
+        n_head = max(llama_cpp.llama_model_n_head(self.handle), 1)
+        n_head_kv = llama_cpp.llama_model_n_head_kv(self.handle) or n_head
+        head = llama_cpp.llama_model_n_embd(self.handle) // n_head
+        key_length = int(self.meta(f"{arch}.attention.key_length") or head)
+        value_length = int(self.meta(f"{arch}.attention.value_length") or head)
+        return n_head_kv * key_length, n_head_kv * value_length
 
     # -- tokens ---------------------------------------------------------------------------------
 
@@ -208,13 +238,31 @@ class Model:
         except Exception as exc:  # jinja2 errors from a template we do not control
             raise ModelError(f"the model's chat template failed to render: {exc}") from exc
 
-    def prompt_tokens(self, text: str) -> list[int]:
-        """Tokens of rendered template text: special tokens parsed, one BOS at most."""
-        bos = llama_cpp.llama_vocab_bos(self.vocab)
-        tokens = self.tokenize(text, add_special=True, parse_special=True)
-        if len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
+    def chat_segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """The rendered chat as ``(text, is_markup)`` pieces: the template's own markup, and each
+        message's content, which is the user's text and must never become a control token."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        rendered = self.chat_text([{**m, "content": mark} for m, mark in zip(messages, marks)])
+        pattern = re.compile("\ue000(\\d+)\ue001")
+        pieces: list[tuple[str, bool]] = []
+        at = 0
+        for found in pattern.finditer(rendered):
+            pieces.append((rendered[at : found.start()], True))
+            pieces.append((messages[int(found.group(1))]["content"], False))
+            at = found.end()
+        pieces.append((rendered[at:], True))
+        return [(text, markup) for text, markup in pieces if text]
+
+    def segments_tokens(self, pieces: list[tuple[str, bool]], bos: bool = True) -> list[int]:
+        """Tokens of ``(text, is_markup)`` pieces: special tokens parsed in markup only, one BOS at most."""
+        tokens: list[int] = []
+        for text, markup in pieces:
+            tokens += self.tokenize(text, add_special=bos and not tokens, parse_special=markup)
+        first = llama_cpp.llama_vocab_bos(self.vocab)
+        if len(tokens) > 1 and tokens[0] == first and tokens[1] == first:
             tokens = tokens[1:]  # the template wrote its own BOS
         return tokens
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.prompt_tokens(self.chat_text(messages))
+        """The conversation rendered with the chat template and tokenized, user text kept as text."""
+        return self.segments_tokens(self.chat_segments(messages))

@@ -27,15 +27,20 @@ def bundled_model() -> Path:
 
 
 def models_dir() -> Path:
-    """Downloads land here: $SELFEXTEND_LOCAL_MODELS, else the checkout's models/, else a user folder."""
+    """Downloads land here: $SELFEXTEND_LOCAL_MODELS, else the user's data folder
+    (``$XDG_DATA_HOME/selfextend-local/models``, by default ``~/.local/share/selfextend-local/models``)."""
     if env := os.environ.get(MODELS_ENV):
-        return Path(env).expanduser()
-    from .registry import REGISTRY_FILE
-
-    if REGISTRY_FILE.is_file():
-        return REGISTRY_FILE.parent
-    data = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+        return _expand(env)
+    data = Path(os.environ.get("XDG_DATA_HOME") or _expand("~/.local/share"))
     return data / "selfextend-local" / "models"
+
+
+def _expand(text: str) -> Path:
+    """``~`` and ``~user`` expanded, or a one-line error when there is no such home."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise ModelError(f"cannot expand {text!r}: no such user or home directory") from None
 
 
 def local_models() -> list[Path]:
@@ -57,7 +62,7 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     if spec is None or str(spec) == "":
         return bundled_model()
     text = str(spec)
-    path = Path(text).expanduser()
+    path = _expand(text)
     if path.exists() or text.endswith(".gguf"):
         return path
     for candidate in local_models():

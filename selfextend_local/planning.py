@@ -69,30 +69,36 @@ def _fits_rule(n_tokens: int, n_ctx_train: int, group: int, window: int) -> bool
 
 def suggest(n_ctx_train: int, n_tokens: int, window: int) -> tuple[int, int] | None:
     """The smallest group (and a window) that serves ``n_tokens``, or None if nothing up to 64 does."""
-    for w in dict.fromkeys((window, default_window(n_ctx_train))):
-        if w >= n_ctx_train:
-            continue
-        for g in GROUPS:
-            if w % g == 0 and max_input(n_ctx_train, g, w) >= n_tokens:
-                return g, w
+    for g, w in _settings_for(n_ctx_train, window):
+        if g > 1 and max_input(n_ctx_train, g, w) >= n_tokens:
+            return g, w
     return None
 
 
-def _too_long(n_tokens: int, n_ctx_train: int, group: int, window: int) -> InputTooLongError:
+def _too_long(n_tokens: int, n_ctx_train: int, group: int, window: int, generate: int = 0) -> InputTooLongError:
     limit = max_input(n_ctx_train, group, window)
     setting = f"--group {group} --window {window}" if group > 1 else "no extension"
     hint = suggest(n_ctx_train, n_tokens, window)
-    fix = (
-        f"; use --group {hint[0]} --window {hint[1]}"
-        if hint
-        else "; no setting up to --group 64 reaches it: shorten the input"
-    )
-    return InputTooLongError(
-        f"the input needs {n_tokens} tokens but {setting} reaches {limit} (training context {n_ctx_train}){fix}"
-    )
+    if hint:
+        fix = f"; use --group {hint[0]} --window {hint[1]}"
+    else:
+        best = max(max_input(n_ctx_train, g, w) for g, w in _settings_for(n_ctx_train, window))
+        prompt = n_tokens - generate
+        fix = (
+            f"; no setting up to --group {GROUPS[-1]} reaches it: lower --max-tokens to at most {best - prompt}"
+            if generate and prompt < best
+            else f"; no setting up to --group {GROUPS[-1]} reaches it: shorten the input"
+        )
+    needs = f"the input needs {n_tokens} tokens" + (f" ({generate} of them --max-tokens)" if generate else "")
+    return InputTooLongError(f"{needs} but {setting} reaches {limit} (training context {n_ctx_train}){fix}")
 
 
-def _choose_group(n_tokens: int, n_ctx_train: int, window: int, preferred: int | None) -> int:
+def _settings_for(n_ctx_train: int, window: int) -> list[tuple[int, int]]:
+    windows = [w for w in dict.fromkeys((window, default_window(n_ctx_train))) if w < n_ctx_train]
+    return [(g, w) for w in windows for g in GROUPS if w % g == 0] or [(1, n_ctx_train)]
+
+
+def _choose_group(n_tokens: int, n_ctx_train: int, window: int, preferred: int | None, generate: int) -> int:
     """The family's group, doubled until it reaches the input; without one, the paper's rule of thumb."""
     candidates = [g for g in GROUPS if window % g == 0]
     if preferred:
@@ -105,7 +111,7 @@ def _choose_group(n_tokens: int, n_ctx_train: int, window: int, preferred: int |
     for g in candidates:
         if max_input(n_ctx_train, g, window) >= n_tokens:
             return g
-    raise _too_long(n_tokens, n_ctx_train, candidates[-1] if candidates else 1, window)
+    raise _too_long(n_tokens, n_ctx_train, candidates[-1] if candidates else 1, window, generate)
 
 
 def plan(
@@ -114,8 +120,9 @@ def plan(
     requested: ExtendSettings,
     recommended: tuple[int, int] | None = None,
     ctx: int | None = None,
+    generate: int = 0,
 ) -> Plan:
-    """Settings for an input of ``n_tokens`` (prompt plus tokens to generate).
+    """Settings for an input of ``n_tokens`` (prompt plus tokens to generate, ``generate`` of them).
 
     ``requested`` holds what the user chose (None: plan it); ``recommended`` is the model family's
     (group, window) from the registry. Raises InputTooLongError with a setting that would fit.
@@ -130,24 +137,26 @@ def plan(
 
     if group == 1:
         if n_tokens > n_ctx_train:
-            raise _too_long(n_tokens, n_ctx_train, 1, window or default_window(n_ctx_train))
+            raise _too_long(n_tokens, n_ctx_train, 1, window or default_window(n_ctx_train), generate)
         return made(1, window or default_window(n_ctx_train), "--group 1")
     if group is None and window is None and n_tokens <= n_ctx_train:
         return made(1, default_window(n_ctx_train), f"{n_tokens} tokens fit the training context {n_ctx_train}")
     rec_group, rec_window = recommended or (None, None)
     if window is None:
         window = rec_window if rec_window and rec_window < n_ctx_train else default_window(n_ctx_train)
-        if group and window % group:
+        if group and group <= window and window % group:
             window -= window % group
     if window >= n_ctx_train:
         raise BadInputError(f"--window {window} must be smaller than the training context {n_ctx_train}")
     if group is not None:
+        if group > window:
+            raise BadInputError(f"--group {group} is larger than the window {window}; give a group up to {window}")
         if window % group:
             raise BadInputError(f"--window {window} is not a multiple of --group {group}")
         if max_input(n_ctx_train, group, window) < n_tokens:
-            raise _too_long(n_tokens, n_ctx_train, group, window)
+            raise _too_long(n_tokens, n_ctx_train, group, window, generate)
         return made(group, window, "as requested")
-    group = _choose_group(n_tokens, n_ctx_train, window, rec_group)
+    group = _choose_group(n_tokens, n_ctx_train, window, rec_group, generate)
     source = (
         "the model family's setting"
         if group == rec_group

@@ -10,9 +10,9 @@ from dataclasses import replace
 import llama_cpp
 
 from .engine import open_session
-from .errors import InputTooLongError
+from .errors import EngineError, InputTooLongError
 from .generate import Chunk, stream_generate
-from .kvcache import KVCache, tokens_digest
+from .kvcache import CacheWriteError, KVCache, tokens_digest
 from .model import Model
 from .session import Progress
 from .settings import ExtendSettings, RuntimeSettings, SamplingSettings
@@ -37,17 +37,21 @@ class DocumentQA:
         self.model = model
         self.sampling = sampling
         self.cache = cache
-        user = f"Document:\n{document}\n\nQuestion: {_SLOT}"
+        user = f"Document:\n{document}\n\nQuestion:{_SLOT}"
         if model.info.chat_template:
-            rendered = model.chat_text([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
+            pieces = model.chat_segments([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
         else:
-            rendered = f"{SYSTEM}\n\n{user}\nAnswer:"
-        before, self._after = rendered.split(_SLOT)
-        self.doc_tokens = model.prompt_tokens(before)
+            pieces = [(f"{SYSTEM}\n\n", True), (user, False), ("\nAnswer:", True)]
+        # Everything before the slot is the document's part of the prompt; what follows it, the template's tail.
+        at = next(i for i, (text, _) in enumerate(pieces) if _SLOT in text)
+        head, tail = pieces[at][0].split(_SLOT)
+        self.doc_tokens = model.segments_tokens(pieces[:at] + [(head, False)])
+        self._after = [(tail, False)] + pieces[at + 1 :]
         needed = len(self.doc_tokens) + QUESTION_BUDGET + sampling.max_tokens
         self.session = open_session(model, needed, extend, runtime)
-        self._snapshot: tuple[bytes, dict[str, int]] | None = None
+        self._snapshot: tuple[bytearray, dict[str, int]] | None = None
         self.source: str | None = None
+        self.cache_warning: str | None = None
 
     def close(self) -> None:
         self.session.close()
@@ -78,12 +82,13 @@ class DocumentQA:
         }
 
     def load(self, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> str:
-        """Make the document's state ready: from the cache ("cache") or by ingesting it ("ingested")."""
+        """Make the document's state ready: from the cache ("cache") or by ingesting it ("ingested").
+
+        An entry that llama.cpp or the schedule will not take is deleted and the document ingested; a
+        cache that cannot be written is skipped, and ``cache_warning`` says why.
+        """
         identity = self.identity() if self.cache else None
-        entry = self.cache.get(identity) if self.cache else None
-        if entry is not None and entry.tokens == self.doc_tokens:
-            self.session.load_state(entry.state, entry.tokens, entry.schedule_state)
-            self._snapshot = (entry.state, entry.schedule_state)
+        if self.cache and self._restore(identity):
             self.source = "cache"
             return self.source
         self.session.reset()
@@ -91,15 +96,28 @@ class DocumentQA:
         self._snapshot = (self.session.state_bytes(), self.session.schedule.state())
         if self.cache:
             info = {"model_name": self.model.info.name, "plan": self.session.plan.describe()}
-            self.cache.put(identity, self.doc_tokens, self._snapshot[1], self._snapshot[0], info)
+            try:
+                self.cache.put(identity, self.doc_tokens, self._snapshot[1], self._snapshot[0], info)
+            except CacheWriteError as exc:
+                self.cache_warning = str(exc)
         self.source = "ingested"
         return self.source
 
+    def _restore(self, identity: dict) -> bool:
+        entry = self.cache.get(identity)
+        if entry is None or entry.tokens != self.doc_tokens:
+            return False
+        try:
+            self.session.load_state(entry.state, entry.tokens, entry.schedule_state)
+        except EngineError:
+            self.cache.discard(identity)
+            return False
+        self._snapshot = (entry.state, entry.schedule_state)
+        return True
+
     def question_tokens(self, question: str) -> list[int]:
         # The question is user text: special-token syntax in it is not parsed; the template's tail is.
-        tokens = self.model.tokenize(question, add_special=False) + self.model.tokenize(
-            self._after, add_special=False, parse_special=True
-        )
+        tokens = self.model.segments_tokens([(" " + question.strip(), False)] + self._after, bos=False)
         if len(tokens) > QUESTION_BUDGET:
             raise InputTooLongError(f"the question has {len(tokens)} tokens; keep it under {QUESTION_BUDGET}")
         return tokens

@@ -1,11 +1,16 @@
-"""The registry of known model families and models (``models/registry.json``)."""
+"""The registry of known model families and models.
+
+Its source is ``models/registry.json`` in the repository; it is installed as package data of
+``selfextend_local.models`` (pyproject.toml maps that package to the ``models/`` folder), so a wheel
+or an editable install reads the same file, from any directory.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from importlib import resources
 
 from .model import ModelInfo
 
@@ -27,13 +32,12 @@ class KnownModel:
     family: str
 
 
-# The registry is a data file of the checkout (README: the tool is installed from its clone).
-REGISTRY_FILE = Path(__file__).resolve().parents[1] / "models" / "registry.json"
+REGISTRY_PACKAGE = "selfextend_local.models"
 
 
 @lru_cache(maxsize=1)
 def _data() -> dict:
-    return json.loads(REGISTRY_FILE.read_text("utf-8"))
+    return json.loads(resources.files(REGISTRY_PACKAGE).joinpath("registry.json").read_text("utf-8"))
 
 
 def families() -> list[Family]:

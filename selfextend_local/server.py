@@ -31,6 +31,7 @@ from .model import Model
 from .session import Session
 from .settings import SCHEDULES, ExtendSettings, RuntimeSettings, SamplingSettings
 
+STARTED = "started"  # the worker's first item for a job: a session is ready and generation begins
 EXTRA_FIELD = "selfextend"  # the extra body field for per-request settings: {"group": 4, "window": 2048, ...}
 _DEFAULTS = SamplingSettings()
 
@@ -70,9 +71,31 @@ class SelfExtendOptions(BaseModel):
     schedule: str = "neighbor"
 
 
+class TextPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
 class Message(BaseModel):
     role: str
-    content: str
+    content: str | list[TextPart] | None = None
+
+    def text(self, index: int) -> str:
+        """The content as one string: text parts joined; null only where OpenAI allows it (assistant)."""
+        if self.content is None:
+            if self.role != "assistant":
+                raise APIError(400, f"messages[{index}].content is null", param=f"messages.{index}.content")
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise APIError(
+                    400,
+                    f"messages[{index}] has a content part of type {part.type!r}; only text parts are supported",
+                    param=f"messages.{index}.content",
+                )
+        return "".join(part.text for part in self.content)
 
 
 class CommonRequest(BaseModel):
@@ -117,6 +140,7 @@ class Worker:
         self.pending = 0
         self.lock = threading.Lock()
         self.session: Session | None = None
+        self.current: Job | None = None
         self.thread = threading.Thread(target=self._run, name="selfextend-worker", daemon=True)
         self.thread.start()
 
@@ -132,9 +156,17 @@ class Worker:
         self.jobs.put(job)
 
     def stop(self) -> None:
+        """Cancel the running job and every waiting one, then end the thread (the server is stopping)."""
+        with self.jobs.mutex:  # waiting jobs are answered at once (nothing generated) as the thread drains them
+            for job in self.jobs.queue:
+                if job is not None:
+                    job.cancelled.set()
+        current = self.current
+        if current is not None:
+            current.cancelled.set()
         self.jobs.put(None)
         self.thread.join(timeout=10)
-        if self.session:
+        if self.session and not self.thread.is_alive():
             self.session.close()
 
     def _session_for(self, job: Job) -> Session:
@@ -155,17 +187,30 @@ class Worker:
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
+            self.current = job
             try:
                 if not job.cancelled.is_set():
                     session = self._session_for(job)
+                    job.loop.call_soon_threadsafe(job.out.put_nowait, STARTED)
                     for chunk in stream_generate(session, job.tokens, job.sampling, should_stop=job.cancelled.is_set):
                         job.loop.call_soon_threadsafe(job.out.put_nowait, chunk)
                 job.loop.call_soon_threadsafe(job.out.put_nowait, None)
             except Exception as exc:  # delivered to the request, the worker goes on
                 job.loop.call_soon_threadsafe(job.out.put_nowait, exc)
             finally:
+                self.current = None
                 with self.lock:
                     self.pending -= 1
+
+
+async def _next_item(job: Job):
+    """The worker's next item for ``job``: STARTED, a Chunk, or None at the end; errors are raised."""
+    item = await job.out.get()
+    if isinstance(item, SelfExtendError):
+        raise APIError(400, str(item))
+    if isinstance(item, Exception):
+        raise APIError(500, f"generation failed: {item}", kind="server_error")
+    return item
 
 
 def _validation_error(exc: ValidationError) -> APIError:
@@ -187,9 +232,44 @@ async def _read_json(request: Request, limit: int) -> dict:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"malformed JSON in the request body: {exc}", code="malformed_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="malformed_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     return data
+
+
+def _bearer_token(header: str) -> str:
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _host_name(header: str) -> str:
+    """The host part of a Host header: ``[::1]:8080`` -> ``::1``, ``localhost:8080`` -> ``localhost``."""
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else ""
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _refusal(request: Request, api_key: str | None, allowed_hosts: set[str] | None) -> APIError | None:
+    """Why a request is refused before it is read: wrong key, a foreign Host, a body that is not JSON."""
+    if api_key and request.url.path != "/health":
+        given = _bearer_token(request.headers.get("authorization", ""))
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            return APIError(401, "invalid or missing API key", code="invalid_api_key")
+    if allowed_hosts is not None and _host_name(request.headers.get("host", "")).lower() not in allowed_hosts:
+        # A loopback server without a key: a page on another site must not reach it through DNS rebinding.
+        return APIError(400, "the Host header does not name this server", code="invalid_host")
+    if request.method == "POST":
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            return APIError(415, "the request body must be JSON (Content-Type: application/json)")
+    return None
+
+
+def loopback_names(host: str) -> set[str]:
+    """Host header names a loopback server answers to."""
+    return {"localhost", "127.0.0.1", "::1", host.strip("[]").lower()}
 
 
 def create_app(
@@ -198,11 +278,16 @@ def create_app(
     extend: ExtendSettings | None = None,
     api_key: str | None = None,
     limits: ServerLimits | None = None,
+    allowed_hosts: set[str] | None = None,
 ) -> FastAPI:
-    """The ASGI app; ``extend`` holds the server's default group/window (None: planned per request)."""
+    """The ASGI app; ``extend`` holds the server's default group/window (None: planned per request).
+
+    ``allowed_hosts``: with no API key, the Host names a request must carry (None: any).
+    """
     runtime = runtime or RuntimeSettings()
     limits = limits or ServerLimits()
     base_extend = extend or ExtendSettings()
+    allowed_hosts = None if api_key else allowed_hosts
     model_id = model.path.stem
     worker = Worker(model, runtime, limits)
 
@@ -219,16 +304,20 @@ def create_app(
         return exc.response()
 
     @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return APIError(401, "invalid or missing API key", code="invalid_api_key").response()
+    async def _guard(request: Request, call_next):
+        refusal = _refusal(request, api_key, allowed_hosts)
+        if refusal is not None:
+            return refusal.response()
         return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_id, "queued": worker.pending}
+        return {"status": "ok"}
+
+    @app.get("/v1/status")
+    async def status() -> dict:
+        """What the worker is doing (behind the API key, unlike /health)."""
+        return {"model": model_id, "queued": worker.pending}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -254,6 +343,9 @@ def create_app(
                 own.schedule if own else base_extend.schedule,
                 base_extend.division,
             )
+        except BadInputError as exc:
+            raise APIError(400, str(exc), param=EXTRA_FIELD) from None
+        try:
             sampling = SamplingSettings(
                 temperature=_DEFAULTS.temperature if req.temperature is None else req.temperature,
                 top_p=_DEFAULTS.top_p if req.top_p is None else req.top_p,
@@ -262,7 +354,7 @@ def create_app(
                 stop=tuple(s for s in stops if s),
             )
         except BadInputError as exc:
-            raise APIError(400, str(exc), param=EXTRA_FIELD) from None
+            raise APIError(400, str(exc).replace("--", ""), param="stop" if "stop" in str(exc) else None) from None
         return ext, sampling
 
     async def run_job(tokens: list[int], req: CommonRequest) -> tuple[Job, AsyncIterator[Chunk]]:
@@ -283,14 +375,15 @@ def create_app(
             )
         job = Job(tokens, ext, sampling, asyncio.get_running_loop(), asyncio.Queue())
         worker.submit(job)
+        try:
+            first = await _next_item(job)  # STARTED once the worker has a session for it, or an error
+        except BaseException:
+            job.cancelled.set()
+            raise
 
         async def chunks() -> AsyncIterator[Chunk]:
             try:
-                while (item := await job.out.get()) is not None:
-                    if isinstance(item, SelfExtendError):
-                        raise APIError(400, str(item))
-                    if isinstance(item, Exception):
-                        raise APIError(500, f"generation failed: {item}", kind="server_error")
+                while first is not None and (item := await _next_item(job)) is not None:
                     yield item
             finally:
                 job.cancelled.set()  # a no-op once finished; stops generation if the client went away
@@ -333,7 +426,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await parse(request, ChatRequest)
-        messages = [m.model_dump() for m in req.messages]
+        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
         try:
             tokens = (
                 model.chat_tokens(messages)

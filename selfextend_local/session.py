@@ -17,6 +17,7 @@ import numpy as np
 from . import llama_log
 from .division import Divider, choose_divider
 from .errors import EngineError, Interrupted, ModelError
+from .memory import check_context_fits
 from .model import Model
 from .planning import Plan
 from .schedules import Add, Op, Schedule, make_schedule
@@ -50,7 +51,7 @@ class Session:
             raise ModelError(f"cannot self-extend {model.path.name}: {reason}")
         self.schedule: Schedule = make_schedule(plan.schedule, plan.group, plan.window)
         limit = self.schedule.max_chunk or self.runtime.batch
-        self.chunk = min(self.runtime.batch, limit)
+        self.chunk = max(1, min(self.runtime.batch, limit, plan.n_ctx))
         self.ctx = self._new_context()
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(max(self.chunk, 64), 0, 1)
@@ -65,6 +66,7 @@ class Session:
     # -- set-up ---------------------------------------------------------------------------------
 
     def _new_context(self):
+        check_context_fits(self.model.info, self.plan.n_ctx, self.runtime.kv_type, self.runtime.gpu_layers > 0)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.plan.n_ctx
         params.n_batch = max(self.chunk, 64)
@@ -81,6 +83,7 @@ class Session:
             else:
                 params.rope_scaling_type = llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN
                 params.yarn_orig_ctx = train
+        llama_log.clear_errors()
         ctx = llama_cpp.llama_init_from_model(self.model.handle, params)
         if not ctx:
             detail = llama_log.last_error()
@@ -118,7 +121,7 @@ class Session:
                 if op.delta:
                     llama_cpp.llama_memory_seq_add(self.mem, 0, op.p0, op.p1, op.delta)
             else:
-                self.divider.divide(self.mem, op.p0, op.p1, op.d)
+                self.divider.divide(self.mem, 0, op.p0, op.p1, op.d)
 
     def decode_at(self, tokens: Sequence[int], positions: Sequence[int], logits: str = "last") -> None:
         """Decode ``tokens`` at explicit ``positions`` with no schedule (``logits``: none, last, all)."""
@@ -133,6 +136,7 @@ class Session:
             batch.logits[i] = logits == "all"
         if logits == "last":
             batch.logits[n - 1] = True
+        llama_log.clear_errors()
         rc = llama_cpp.llama_decode(self.ctx, batch)
         if rc != 0:
             detail = llama_log.last_error()
@@ -227,19 +231,34 @@ class Session:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def state_bytes(self) -> bytes:
-        """The sequence's KV cells (positions included) as llama.cpp serialises them."""
+    def state_bytes(self) -> bytearray:
+        """The sequence's KV cells (positions included) as llama.cpp serialises them (one copy, no more)."""
         size = llama_cpp.llama_state_seq_get_size(self.ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, 0)
-        return bytes(buf[:written])
+        data = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(data)
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, view, size, 0)
+        del view  # release the export, so the bytearray may be resized
+        del data[written:]
+        return data
 
-    def load_state(self, data: bytes, tokens: Sequence[int], schedule_state: dict[str, int]) -> None:
+    def load_state(self, data, tokens: Sequence[int], schedule_state: dict[str, int]) -> None:
         """Restore what :meth:`state_bytes` saved, with the tokens and schedule state that go with it."""
         self.reset()
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if isinstance(data, bytearray):
+            buf = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        else:
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), 0) != len(data):
             self.reset()
             raise EngineError("llama.cpp rejected the saved state")
-        self.schedule = type(self.schedule).restore(self.plan.group, self.plan.window, schedule_state)
+        try:
+            schedule = type(self.schedule).restore(self.plan.group, self.plan.window, schedule_state)
+        except (TypeError, ValueError, AttributeError) as exc:
+            self.reset()
+            raise EngineError(f"the saved schedule state is not usable: {exc}") from None
+        last = llama_cpp.llama_memory_seq_pos_max(self.mem, 0)
+        if schedule.n_tokens != len(tokens) or last != schedule.next_pos - 1:
+            self.reset()
+            raise EngineError("the saved state does not match its schedule state")
+        self.schedule = schedule
         self.tokens = list(tokens)

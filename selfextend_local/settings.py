@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -10,6 +11,20 @@ from .errors import BadInputError
 SCHEDULES = ("neighbor", "llamacpp")
 DIVISIONS = ("auto", "native", "emulated")
 KV_TYPES = ("f16", "f32")
+
+# Upper bounds for what a user can type. Beyond them llama.cpp crashes, allocates without limit, or
+# the setting means nothing (a group larger than any window, more threads than a machine could run).
+MAX_GROUP = 256
+MAX_WINDOW = 1 << 20
+MAX_CTX = 1 << 24  # cells; memory is checked against the model when the context is made
+MAX_BATCH = 8192
+THREADS_PER_CORE = 4
+MAX_GPU_LAYERS = 1000
+MAX_TEMPERATURE = 2.0  # as the OpenAI API
+MAX_TOP_K = 1 << 20
+MAX_TOKENS = 1 << 20
+MAX_STOPS = 4  # as the OpenAI API
+MAX_STOP_CHARS = 256
 
 
 def default_threads() -> int:
@@ -20,9 +35,27 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _positive(name: str, value: int | float | None) -> None:
-    if value is not None and value <= 0:
-        raise BadInputError(f"{name} must be positive, got {value}")
+def max_threads() -> int:
+    return THREADS_PER_CORE * default_threads()
+
+
+def check_range(name: str, value: int | float | None, low: float, high: float, low_open: bool = False) -> None:
+    """Raise BadInputError unless ``low <= value <= high`` (``low < value`` when ``low_open``); None passes."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadInputError(f"{name} must be a finite number, got {value}")
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        if isinstance(value, int) and not isinstance(value, bool):
+            bounds = f"between {low + 1 if low_open else low:g} and {high:g}"
+        else:
+            bounds = f"{'above' if low_open else 'at least'} {low:g} and at most {high:g}"
+        raise BadInputError(f"{name} must be {bounds}, got {value:g}")
+
+
+def _positive(name: str, value: int | float | None, high: float) -> None:
+    check_range(name, value, 0, high, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -35,8 +68,8 @@ class ExtendSettings:
     division: str = "auto"
 
     def __post_init__(self) -> None:
-        _positive("--group", self.group)
-        _positive("--window", self.window)
+        _positive("--group", self.group, MAX_GROUP)
+        _positive("--window", self.window, MAX_WINDOW)
         if self.schedule not in SCHEDULES:
             raise BadInputError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         if self.division not in DIVISIONS:
@@ -63,11 +96,10 @@ class RuntimeSettings:
     kv_type: str = "f16"
 
     def __post_init__(self) -> None:
-        _positive("--ctx", self.ctx)
-        _positive("--threads", self.threads)
-        _positive("--batch", self.batch)
-        if self.gpu_layers < 0:
-            raise BadInputError(f"--gpu-layers must be 0 or more, got {self.gpu_layers}")
+        _positive("--ctx", self.ctx, MAX_CTX)
+        _positive("--threads", self.threads, max_threads())
+        _positive("--batch", self.batch, MAX_BATCH)
+        check_range("--gpu-layers", self.gpu_layers, 0, MAX_GPU_LAYERS)
         if self.kv_type not in KV_TYPES:
             raise BadInputError(f"unknown --kv-type {self.kv_type!r}; choose one of: {', '.join(KV_TYPES)}")
 
@@ -84,15 +116,16 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise BadInputError(f"--temperature must be 0 or more, got {self.temperature}")
-        if self.top_k < 0:
-            raise BadInputError(f"--top-k must be 0 (off) or more, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise BadInputError(f"--top-p must be in (0, 1], got {self.top_p}")
-        _positive("--max-tokens", self.max_tokens)
+        check_range("--temperature", self.temperature, 0, MAX_TEMPERATURE)
+        check_range("--top-k", self.top_k, 0, MAX_TOP_K)
+        check_range("--top-p", self.top_p, 0, 1, low_open=True)
+        _positive("--max-tokens", self.max_tokens, MAX_TOKENS)
+        if len(self.stop) > MAX_STOPS:
+            raise BadInputError(f"at most {MAX_STOPS} stop strings, got {len(self.stop)}")
         if any(not s for s in self.stop):
             raise BadInputError("a stop string must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise BadInputError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
 
     @property
     def greedy(self) -> bool:

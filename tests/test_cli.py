@@ -102,12 +102,24 @@ def test_debug_shows_the_traceback(run, tmp_path):
     assert result.exception is not None and "model file not found" in str(result.exception)
 
 
+def chat_replies(result) -> list[str]:
+    """Each reply ends with a newline; the >>> prompts go to stderr when stdout is not a terminal."""
+    assert ">>> " not in result.stdout and ">>> " in result.stderr
+    return [r for r in result.stdout.split("\n") if r.strip()]
+
+
 def test_chat_two_turns_and_reset(run):
     result = run("chat", "--temperature", "0", "-n", "8", input="Hello!\n/reset\nName a fruit.\n/exit\n")
     assert result.exit_code == 0, result.output
     assert "(conversation reset)" in result.stderr
-    replies = [line for line in result.stdout.split(">>> ") if line.strip()]
-    assert len(replies) == 2
+    assert result.stdout.count("\n") == 2 and len(chat_replies(result)) >= 1
+
+
+def test_chat_unknown_command_lists_the_commands(run):
+    result = run("chat", "--temperature", "0", "-n", "4", input="/frobnicate\n/help\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "unknown command /frobnicate" in result.stderr
+    assert result.stderr.count("/reset") >= 2 and result.stdout == ""  # listed twice, nothing sent to the model
 
 
 def test_chat_survives_a_message_that_is_too_long(run):
@@ -115,5 +127,4 @@ def test_chat_survives_a_message_that_is_too_long(run):
     result = run("chat", "--ctx", "512", "--temperature", "0", "-n", "6", input=f"{too_long}\nHello!\n/exit\n")
     assert result.exit_code == 0, result.output
     assert "Error: the input needs" in result.stderr and "--ctx" in result.stderr
-    replies = [line for line in result.stdout.split(">>> ") if line.strip()]
-    assert len(replies) == 1  # the next message was answered
+    assert result.stdout.count("\n") == 1  # the next message was answered

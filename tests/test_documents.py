@@ -117,3 +117,61 @@ def test_least_recently_used_entries_go_first(tmp_path):
     assert cache.get(ids[0]) is not None and cache.get(ids[2]) is not None
     assert cache.get(ids[1]) is None
     assert cache.clear() == 2
+
+
+def test_every_byte_of_an_entry_is_checked(tmp_path):
+    """A flipped bit anywhere, the JSON header and its schedule state included, drops the entry."""
+    cache = KVCache(tmp_path)
+    path = cache.put(IDENTITY, [1, 2, 3], {"n_tokens": 3, "n_grouped": 0}, b"s" * 64, {})
+    clean = path.read_bytes()
+    for offset in range(0, len(clean), 7):
+        damaged = bytearray(clean)
+        damaged[offset] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        assert cache.get(IDENTITY) is None, offset
+        assert not path.exists()
+        path.write_bytes(clean)
+    assert cache.get(IDENTITY).schedule_state == {"n_tokens": 3, "n_grouped": 0}
+
+
+def test_an_absurd_header_length_is_not_allocated(tmp_path):
+    import struct
+
+    from selfextend_local.kvcache import MAGIC
+
+    cache = KVCache(tmp_path)
+    path = tmp_path / f"{cache.key(IDENTITY)}.kv"
+    path.write_bytes(MAGIC + struct.pack("<Q", 1 << 62) + b"{}")
+    assert cache.get(IDENTITY) is None and not path.exists()
+
+
+def test_temporary_files_are_not_entries_and_only_stale_ones_go(tmp_path):
+    import os
+    import time
+
+    cache = KVCache(tmp_path, limit=10)  # everything is over the limit
+    young = tmp_path / ".tmp-writing.part"  # another process is writing this one now
+    old = tmp_path / ".tmp-crashed.part"
+    young.write_bytes(b"x" * 100)
+    old.write_bytes(b"x" * 100)
+    os.utime(old, (time.time() - 7 * 3600,) * 2)
+    cache.put(IDENTITY, [1], {}, b"y" * 100, {})
+    assert [e.path.name for e in cache.entries()] == [f"{cache.key(IDENTITY)}.kv"]
+    assert young.exists() and not old.exists()
+    assert cache.clear() == 1 and young.exists()
+
+
+@pytest.mark.parametrize("obstacle", ["entry is a directory", "folder is a file"])
+def test_a_cache_that_cannot_be_written_says_so(tmp_path, obstacle):
+    from selfextend_local.kvcache import CacheWriteError
+
+    root = tmp_path / "kv"
+    cache = KVCache(root)
+    if obstacle == "folder is a file":
+        root.write_text("not a folder")
+    else:
+        (root / f"{cache.key(IDENTITY)}.kv").mkdir(parents=True)
+    with pytest.raises(CacheWriteError, match="was not written"):
+        cache.put(IDENTITY, [1], {}, b"z", {})
+    assert cache.get(IDENTITY) is None
+    assert not [p for p in root.glob(".tmp-*")] if root.is_dir() else True

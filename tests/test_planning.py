@@ -59,8 +59,8 @@ def test_beyond_every_setting_is_refused():
     ("kwargs", "match"),
     [
         ({"group": 3, "window": 1024}, "not a multiple"),
-        ({"group": 0}, "positive"),
-        ({"window": -5}, "positive"),
+        ({"group": 0}, "between 1 and 256"),
+        ({"window": -5}, "between 1 and"),
         ({"schedule": "nope"}, "unknown schedule"),
     ],
 )

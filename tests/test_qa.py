@@ -87,7 +87,7 @@ def test_cli_qa_and_cache_commands(tmp_path):
     first = run(*args, Q1, "-q", Q2)
     assert first.exit_code == 0, first.output
     assert f"Q: {Q1}" in first.stdout and f"Q: {Q2}" in first.stdout
-    assert "(ingested)" in first.stderr
+    assert "(ingested at " in first.stderr
     second = run(*args, Q1)
     assert "restored from the cache" in second.stderr
     listed = run("cache", "list", "--cache-dir", kv)
@@ -120,3 +120,56 @@ def test_cli_document_beyond_any_setting(tmp_path):
     result = run("qa", "--doc", str(path), "--no-cache", "What colour is the grass?")
     assert result.exit_code == 1, result.output
     assert "shorten the input" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_damaged_schedule_state_is_rebuilt_not_decoded(model, cache):
+    """A flipped bit in the header's schedule state used to make every later qa fail in llama_decode."""
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
+        doc.load()
+        want = answer(doc, Q1)[0]
+    (entry,) = cache.entries()
+    data = entry.path.read_bytes()
+    at = data.index(b'"n_grouped": ') + len(b'"n_grouped": ')
+    entry.path.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :])
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
+        assert doc.load() == "ingested"
+        assert answer(doc, Q1)[0] == want
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
+        assert doc.load() == "cache"  # the rebuilt entry is good
+
+
+def test_qa_answers_when_the_cache_cannot_be_written(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text(DOC)
+    blocked = tmp_path / "kv"
+    blocked.write_text("a file where the cache's parent folder should be")
+    args = ["--cache-dir", str(blocked / "kv"), "--temperature", "0", "-n", "6"]
+    result = run("qa", "--doc", str(path), *args, Q1, "-q", Q2)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("the document cache was not written") == 1
+    assert f"Q: {Q2}" in result.stdout
+
+
+def test_two_processes_sharing_a_cache_both_answer(tmp_path):
+    """Each run's eviction (the limit holds about one entry) must not break the other's write or read."""
+    import subprocess
+    import sys
+
+    docs = []
+    for i in range(2):
+        docs.append(tmp_path / f"doc{i}.txt")
+        docs[-1].write_text(pydoc_text()[6000 * (i + 1) : 6000 * (i + 2)])
+    kv = tmp_path / "kv"
+
+    def qa(doc):
+        cmd = [sys.executable, "-m", "selfextend_local.cli", "qa", "--doc", str(doc), "--cache-dir", str(kv)]
+        cmd += ["--cache-size", "0.05", "-g", "4", "-w", "256", "--temperature", "0", "-n", "4", Q1, "-q", Q2]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    for _ in range(2):
+        procs = [qa(doc) for doc in docs]
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
+            assert f"Q: {Q2}" in out and "Traceback" not in err and "not written" not in err
+    assert not list(kv.glob(".tmp-*"))

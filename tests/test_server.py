@@ -144,6 +144,10 @@ def test_over_long_input_is_400_with_the_reason(client):
     assert "reaches 14336" in str(err.value) and "--group 4 --window 2048" in str(err.value)
 
 
+def queued(server) -> int:
+    return httpx.get(f"{server}/v1/status", headers={"Authorization": f"Bearer {KEY}"}).json()["queued"]
+
+
 def test_disconnect_mid_stream_frees_the_server(server, client):
     with httpx.stream(
         "POST",
@@ -156,9 +160,9 @@ def test_disconnect_mid_stream_frees_the_server(server, client):
         got = [next(lines) for _ in range(3)]
         assert any(line.startswith("data:") for line in got)
     deadline = time.time() + 20  # 2000 tokens would take far longer than this on two cores
-    while time.time() < deadline and httpx.get(f"{server}/health").json()["queued"]:
+    while time.time() < deadline and queued(server):
         time.sleep(0.2)
-    assert httpx.get(f"{server}/health").json()["queued"] == 0
+    assert queued(server) == 0
     reply = client.completions.create(model="m", prompt="Hello", max_tokens=3, temperature=0)
     assert reply.choices[0].text is not None
 

@@ -82,8 +82,8 @@ def test_kill_in_the_middle_then_resume(tmp_path):
 def test_torn_last_line_is_repaired(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps({"path": "a", "error": None}) + "\n" + '{"path": "b", "summ')
-    log = RecordLog(out)
-    assert [r["path"] for r in log.records] == ["a"]
+    with RecordLog(out) as log:
+        assert [r["path"] for r in log.records] == ["a"]
     assert read_records(out) == [{"path": "a", "error": None}]
 
 
@@ -104,3 +104,59 @@ def test_custom_prompt_and_bad_prompt(tmp_path):
     assert ok.exit_code == 0 and read_records(out)[0]["settings"]["prompt"].startswith("List three")
     bad = run("summarize", str(path), "--out", str(out), "--prompt", "no placeholder")
     assert bad.exit_code == 1 and "must contain {text}" in bad.stderr
+
+
+def cli_cmd(files, out, *extra):
+    cmd = [sys.executable, "-m", "selfextend_local.cli", "summarize", *map(str, files), "--out", str(out)]
+    return cmd + [*FAST, *extra]
+
+
+def test_a_second_process_on_the_same_log_is_turned_away(tmp_path):
+    files = make_files(tmp_path, 4)
+    out = tmp_path / "out.jsonl"
+    first = subprocess.Popen(cli_cmd(files, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not out.exists():  # the first run holds the lock once it writes
+        time.sleep(0.05)
+    other = subprocess.run(cli_cmd(files, out, "--seed", "7"), capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1 and "is in use by another summarize run" in other.stderr
+    assert "Traceback" not in other.stderr
+    first.wait(timeout=300)
+    assert first.returncode == 0, first.stderr.read()
+    records = read_records(out)
+    assert sorted(r["path"] for r in records) == sorted(map(str, files))  # once each, none deleted
+
+
+def test_rerun_with_error_records_left_exits_1(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    out = tmp_path / "out.jsonl"
+    assert run("summarize", str(tmp_path / "empty.txt"), "--out", str(out), *FAST).exit_code == 1
+    again = run("summarize", str(tmp_path / "empty.txt"), "--out", str(out), *FAST)
+    assert again.exit_code == 1 and "0 summarised (0 failed), 1 already done" in again.stderr
+    assert "1 files failed in an earlier run" in again.stderr and "--retry-failed" in again.stderr
+
+
+def test_a_read_only_log_is_refused_before_any_work(tmp_path):
+    (path,) = make_files(tmp_path, 1)
+    out = tmp_path / "out.jsonl"
+    out.write_text("")
+    out.chmod(0o444)
+    result = run("summarize", str(path), "--out", str(out), *FAST)
+    assert result.exit_code == 2 and "is read-only" in result.stderr and "Traceback" not in result.output
+    assert out.read_text() == "" and oct(out.stat().st_mode & 0o777) == "0o444"
+
+
+def test_a_log_in_a_folder_that_cannot_be_written(tmp_path):
+    (path,) = make_files(tmp_path, 1)
+    result = run("summarize", str(path), "--out", "/proc/summaries.jsonl", *FAST)
+    assert result.exit_code == 2 and "cannot write in /proc" in result.stderr, result.output
+
+
+def test_rewriting_the_log_keeps_its_mode(tmp_path):
+    (path,) = make_files(tmp_path, 1)
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"path": str(path), "sha256": "old", "error": None}) + "\n" + '{"torn')
+    out.chmod(0o640)
+    assert run("summarize", str(path), "--out", str(out), *FAST).exit_code == 0
+    assert oct(out.stat().st_mode & 0o777) == "0o640"
+    assert [r["path"] for r in read_records(out)] == [str(path)]

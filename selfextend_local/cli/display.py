@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -13,6 +14,52 @@ import click
 
 def log(message: str) -> None:
     click.echo(message, err=True)
+
+
+HISTORY_LINES = 1000
+
+
+def history_file(name: str):
+    from pathlib import Path
+
+    base = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+    return base / "selfextend-local" / f"{name}_history"
+
+
+@contextmanager
+def line_editing(name: str) -> Iterator[None]:
+    """Line editing and a history kept across runs for interactive prompts (readline, where there is one)."""
+    try:
+        if not sys.stdin.isatty():
+            raise ImportError
+        import readline
+    except ImportError:
+        yield
+        return
+    path = history_file(name)
+    try:
+        readline.read_history_file(path)
+    except (OSError, ValueError):
+        pass
+    readline.set_history_length(HISTORY_LINES)
+    try:
+        yield
+    finally:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+
+def read_line(prompt: str) -> str:
+    """A line typed by the user. The prompt goes where the user looks: the terminal, never into a
+    redirected stdout."""
+    if sys.stdout.isatty():
+        return input(prompt)
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    return input()
 
 
 def is_verbose() -> bool:
@@ -88,9 +135,10 @@ def ctrl_c_stops() -> Iterator[StopFlag]:
 
 
 def stats_line(chunk, plan_text: str) -> str:
-    reused = f", {chunk.reused_tokens} reused" if chunk.reused_tokens else ""
+    new = chunk.prompt_tokens - chunk.reused_tokens
+    reused = f" ({chunk.reused_tokens} more reused from the cache)" if chunk.reused_tokens else ""
     return (
-        f"prompt {chunk.prompt_tokens} tokens{reused} in {chunk.prompt_seconds:.2f} s ({chunk.prompt_tps:,.0f} tok/s); "
+        f"prompt {new} new tokens{reused} in {chunk.prompt_seconds:.2f} s ({chunk.prompt_tps:,.0f} tok/s); "
         f"{chunk.generated_tokens} tokens in {chunk.generate_seconds:.2f} s ({chunk.generate_tps:,.1f} tok/s); "
         f"finish: {chunk.finish_reason}; {plan_text}"
     )

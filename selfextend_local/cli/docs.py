@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
 
-from .display import IngestProgress, ctrl_c_stops, log, note, render_stream, stats_line
+from .display import IngestProgress, ctrl_c_stops, line_editing, log, note, read_line, render_stream, stats_line
 from .options import extend_options, log_options, model_option, runtime_options, sampling_options
 from .run import describe_session, load_for_cli
 
@@ -26,12 +27,14 @@ cache_size_option = click.option(
 )
 
 
-def _cache(cache_dir: Path | None, cache_size: float):
-    from ..errors import BadInputError
-    from ..kvcache import KVCache
+MAX_CACHE_GIB = 1 << 16
 
-    if cache_size <= 0:
-        raise BadInputError("--cache-size must be positive")
+
+def _cache(cache_dir: Path | None, cache_size: float):
+    from ..kvcache import KVCache
+    from ..settings import check_range
+
+    check_range("--cache-size", cache_size, 0, MAX_CACHE_GIB, low_open=True)
     return KVCache(cache_dir, int(cache_size * (1 << 30)))
 
 
@@ -83,26 +86,32 @@ def qa(
     llm = load_for_cli(model, runtime, verbose)
     with DocumentQA(llm, text, extend, runtime, sampling, cache) as doc:
         describe_session(doc.session)
+        start = time.perf_counter()
         with ctrl_c_stops() as stop:
             source = doc.load(IngestProgress("reading document"), stop)
-        how = "restored from the cache" if source == "cache" else "ingested"
-        log(f"document: {len(doc.doc_tokens):,} tokens ({how})")
+        seconds = time.perf_counter() - start
+        n_doc = len(doc.doc_tokens)
+        how = "restored from the cache" if source == "cache" else f"ingested at {n_doc / max(seconds, 1e-9):,.0f} tok/s"
+        log(f"document: {n_doc:,} tokens ({how} in {seconds:.1f} s)")
+        if doc.cache_warning:
+            log(f"warning: {doc.cache_warning}; answering without it")
         for i, q in enumerate(questions):
             if len(questions) > 1:
                 click.echo(f"{'' if i == 0 else chr(10)}Q: {q}")
             _answer(doc, q)
-        while interactive:
-            try:
-                line = input("? ").strip()
-            except EOFError:
-                break
-            except KeyboardInterrupt:
-                click.echo()
-                continue
-            if line in ("/exit", "/quit"):
-                break
-            if line:
-                _answer(doc, line)
+        with line_editing("qa"):
+            while interactive:
+                try:
+                    line = read_line("? ").strip()
+                except EOFError:
+                    break
+                except KeyboardInterrupt:
+                    log("")
+                    continue
+                if line in ("/exit", "/quit"):
+                    break
+                if line:
+                    _answer(doc, line)
 
 
 @click.command()
@@ -136,24 +145,36 @@ def summarize(files, out, prompt_template, retry_failed, model, runtime, extend,
 
     template = prompt_template or DEFAULT_PROMPT
     check_prompt(template)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record_log = RecordLog(out)
-    llm = load_for_cli(model, runtime, verbose)
-    summarizer = Summarizer(llm, extend, runtime, sampling, template)
-    failed = done = 0
-    with click.progressbar(length=len(files), label="summarising", file=sys.stderr, show_pos=True) as bar:
-        skipped = len(files)
-        for record in summarize_files(summarizer, list(files), record_log, retry_failed):
-            skipped -= 1
-            done += 1
-            failed += bool(record["error"])
-            bar.update(1)
-            if record["error"]:
-                log(f"\n{record['path']}: {record['error']}")
-        bar.update(skipped)
+    _make_folder(out.parent)
+    with RecordLog(out) as record_log:
+        llm = load_for_cli(model, runtime, verbose)
+        summarizer = Summarizer(llm, extend, runtime, sampling, template)
+        failed = done = 0
+        with click.progressbar(length=len(files), label="summarising", file=sys.stderr, show_pos=True) as bar:
+            skipped = len(files)
+            for record in summarize_files(summarizer, list(files), record_log, retry_failed):
+                skipped -= 1
+                done += 1
+                failed += bool(record["error"])
+                bar.update(1)
+                if record["error"]:
+                    log(f"\n{record['path']}: {record['error']}")
+            bar.update(skipped)
+        earlier = len(record_log.failed([str(f) for f in files])) - failed
     log(f"{done} summarised ({failed} failed), {skipped} already done; records in {out}")
-    if failed:
+    if earlier:
+        log(f"{earlier} files failed in an earlier run and still have error records; --retry-failed tries them again")
+    if failed or earlier:
         sys.exit(1)
+
+
+def _make_folder(folder: Path) -> None:
+    from ..errors import BadInputError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"cannot create the folder {folder} for --out: {exc.strerror or exc}") from None
 
 
 @click.group()

@@ -23,6 +23,12 @@ def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> boo
     return value
 
 
+def _set_llama_log(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta["selfextend.llama_log"] = True
+    return value
+
+
 def _bundle(name: str, options: list, build: Callable[..., object]) -> Callable:
     """Add ``options`` to a command and hand it one object built from their values, as ``name``.
 
@@ -114,7 +120,15 @@ sampling_options = _bundle(
 
 
 def log_options(f: Callable) -> Callable:
-    """--verbose and --debug: llama.cpp's log and our details on stderr; tracebacks on errors."""
+    """--verbose, --llama-log and --debug: our details, llama.cpp's own log, tracebacks on errors."""
+    f = click.option(
+        "--llama-log",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_llama_log,
+        is_eager=True,
+        help="Show llama.cpp's own log on stderr.",
+    )(f)
     f = click.option(
         "--debug",
         is_flag=True,
@@ -128,5 +142,5 @@ def log_options(f: Callable) -> Callable:
         "-v",
         is_flag=True,
         callback=_set_verbose,
-        help="Show llama.cpp's log, the plan and the division in use.",
+        help="Show the plan, the division in use and speed figures.",
     )(f)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 
 import click
 
@@ -23,6 +24,31 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or a one-line error (port in use, unknown address)."""
+    from ..errors import SelfExtendError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise SelfExtendError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_for(host: str, port: int) -> str:
+    """``http://HOST:PORT`` with an IPv6 address in brackets."""
+    bare = host.strip("[]")
+    shown = f"[{bare}]" if ":" in bare else bare
+    return f"http://{shown}:{port}"
+
+
 @click.command()
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise)."
@@ -40,14 +66,14 @@ def _is_loopback(host: str) -> bool:
     "--max-body",
     default=8.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=0, max=1024, min_open=True),
     help="Largest request body in MiB.",
 )
 @click.option(
     "--max-tokens-limit",
     default=4096,
     show_default=True,
-    type=click.IntRange(1),
+    type=click.IntRange(1, 1 << 20),
     help="Largest max_tokens a request may ask for.",
 )
 @model_option
@@ -63,13 +89,18 @@ def serve(host, port, api_key, queue_size, max_body, max_tokens_limit, model, ru
     """
     import uvicorn
 
-    from ..server import ServerLimits, create_app
+    from ..server import ServerLimits, create_app, loopback_names
 
     api_key = api_key or os.environ.get(API_KEY_ENV)
-    if not _is_loopback(host) and not api_key:
-        log(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
     llm = load_for_cli(model, runtime, verbose)
     limits = ServerLimits(queue_size, int(max_body * (1 << 20)), max_tokens_limit)
-    app = create_app(llm, runtime, extend, api_key, limits)
-    log(f"serving {llm.path.name} on http://{host}:{port}/v1 (queue {queue_size}, auth {'on' if api_key else 'off'})")
-    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+    sock = _bind(host, port)
+    port = sock.getsockname()[1]
+    if not _is_loopback(host) and not api_key:
+        log(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
+    hosts = loopback_names(host) if _is_loopback(host) else None
+    app = create_app(llm, runtime, extend, api_key, limits, allowed_hosts=hosts)
+    log(f"serving {llm.path.name} on {url_for(host, port)}/v1 (queue {queue_size}, auth {'on' if api_key else 'off'})")
+    # A stop (Ctrl-C, SIGTERM) waits this long for open streams, then cancels them and frees the worker.
+    config = uvicorn.Config(app, log_level="info" if verbose else "warning", timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])
