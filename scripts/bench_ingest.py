@@ -73,10 +73,10 @@ class OnePerPosition:
 
     name = "emulated, one shift per position"
 
-    def divide(self, mem, p0: int, p1: int, d: int) -> None:
+    def divide(self, mem, seq: int, p0: int, p1: int, d: int) -> None:
         for p in range(max(p0, 0), p1):
             if p // d != p:
-                llama_cpp.llama_memory_seq_add(mem, 0, p, p + 1, p // d - p)
+                llama_cpp.llama_memory_seq_add(mem, seq, p, p + 1, p // d - p)
 
 
 class EngineRun:

@@ -32,7 +32,20 @@ def human_size(n: float) -> str:
     return str(n)
 
 
-def describe(model: Model) -> str:
+def division_line(model: Model, runtime=None) -> str:
+    """Which llama.cpp build is loaded and the division it gives (probed on the model)."""
+    from .division import HOW_TO_FIX, build_description
+    from .planning import Plan
+    from .session import Session
+
+    plan = Plan(4, 64, "neighbor", "auto", 256, model.info.n_ctx_train, "probe")
+    with Session(model, plan, runtime) as session:
+        divider = session.divider
+    advice = "" if divider.name == "native" else f"; {HOW_TO_FIX}"
+    return f"{build_description()}: division {divider.name}, probe KL {divider.probe.kl:.3g}{advice}"
+
+
+def describe(model: Model, runtime=None) -> str:
     info = model.info
     family = family_for(info)
     reason = info.extendable_reason
@@ -59,6 +72,7 @@ def describe(model: Model) -> str:
             f"recommended:       planned per input, window {default_window(info.n_ctx_train)} (no registry entry)"
         )
     if reason is None:
+        lines.append(f"llama.cpp:         {division_line(model, runtime)}")
         lines += [
             "",
             "Largest input (tokens) by window W and group G, (L - W) * G + W:",

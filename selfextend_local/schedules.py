@@ -148,8 +148,13 @@ class Schedule(ABC):
 
     @classmethod
     def restore(cls, group: int, window: int, state: dict[str, int]) -> Schedule:
+        """The schedule that :meth:`state` described; ValueError for a state of another shape."""
         schedule = cls(group, window)
+        if set(state) != set(schedule.state()):
+            raise ValueError(f"expected the keys {sorted(schedule.state())}, got {sorted(state)}")
         for key, value in state.items():
+            if int(value) < 0:
+                raise ValueError(f"{key} is negative")
             setattr(schedule, key, int(value))
         return schedule
 
@@ -194,17 +199,31 @@ class NeighborSchedule(Schedule):
         return self.n_grouped // self.group + (self.n_tokens - self.n_grouped)
 
     def prepare(self) -> list[Op]:
+        """Group the oldest ``k`` tail tokens when the tail exceeds W.
+
+        The block sits at ``[base, base + k)`` (``base = g/G``) and must be divided from its original
+        indices ``[g, g + k)``, so it moves up there, is divided, and the rest of the tail moves down by
+        ``k - k/G``. Each edit scans every cell and each moved cell costs an index update, so only the
+        tail cells that would sit inside the division's range are parked out of its way (none once
+        ``g`` is large: then 3 edits and ``2k + tail`` moved cells a step; the first step needs 2).
+        """
         G, g, t = self.group, self.n_grouped, self.n_tokens
         k = ((t - g - self.window) // G) * G
         if k <= 0:
             return []
-        base = g // G
-        park = t  # larger than any position in use
-        ops: list[Op] = [Add(base + k, -1, park)]
+        base, top = g // G, g // G + (t - g)  # the tail is at [base, top); the block is its first k
+        shrink = k - k // G
+        ops: list[Op] = []
+        clash = (max(g, base + k), min(g + k, top))  # tail cells the division's range would catch
+        parked = g and clash[0] < clash[1]
+        if parked:
+            ops.append(Add(clash[0], clash[1], top))  # top: above every position in use
         if g:
             ops.append(Add(base, base + k, g - base))
         ops.append(Div(g, g + k, G))
-        ops.append(Add(base + k + park, -1, -park - (k - k // G)))
+        ops.append(Add(base + k, -1, -shrink))
+        if parked:
+            ops.append(Add(clash[0] + top - shrink, -1, -top))
         self.n_grouped = g + k
         return ops
 

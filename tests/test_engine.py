@@ -68,10 +68,10 @@ def test_folded_division_gives_the_logits_of_one_shift_per_position(model, pydoc
     """The few-calls emulation must leave every key where, and rotated as, one shift per position does."""
     import selfextend_local.division as division
 
-    def one_shift_per_position(mem, p0, p1, d):
+    def one_shift_per_position(mem, seq, p0, p1, d):
         for p in range(p0, p1):
             if p // d != p:
-                llama_cpp.llama_memory_seq_add(mem, 0, p, p + 1, p // d - p)
+                llama_cpp.llama_memory_seq_add(mem, seq, p, p + 1, p // d - p)
 
     runtime = RuntimeSettings(batch=64)
     tokens = pydoc_tokens[:900]
@@ -85,6 +85,43 @@ def test_folded_division_gives_the_logits_of_one_shift_per_position(model, pydoc
         logits[name] = np.concatenate(chunks)
     assert logits["folded"].shape == (len(tokens), model.n_vocab)
     np.testing.assert_allclose(logits["folded"], logits["per position"], rtol=0, atol=1e-4)
+
+
+def ingest_logits(model, tokens, division, group=8, window=128):
+    chunks = []
+    with make_session(model, RuntimeSettings(batch=64), 1024, group, window, "neighbor", division) as session:
+        session.ingest(tokens, on_logits=lambda offset, lg: chunks.append(lg.copy()))
+        verdict = session.divider.probe
+    return np.concatenate(chunks), verdict
+
+
+def test_native_division_gives_the_emulations_logits_on_a_correct_build(model, pydoc_tokens):
+    """On our build (the seq_div fix) native division is exact; on a stock build it is measurably wrong."""
+    tokens = pydoc_tokens[:900]
+    native, verdict = ingest_logits(model, tokens, "native")
+    emulated, _ = ingest_logits(model, tokens, "emulated")
+    kl = kl_divergence(emulated, native)
+    if verdict.native_correct:
+        assert verdict.kl == pytest.approx(0, abs=1e-6)
+        np.testing.assert_allclose(native, emulated, rtol=0, atol=1e-4)
+    else:
+        assert kl[-200:].mean() > 0.05, kl[-200:].mean()  # the defect shows once tokens are grouped
+
+
+def test_the_probe_recognises_a_defective_division_and_falls_back(model, runtime):
+    """A deliberately wrong divider (rounding to nearest instead of down) is caught, whatever the build."""
+    from selfextend_local.division import choose_divider
+
+    def rounds_to_nearest(mem, seq, p0, p1, d):
+        for p in range(p0, p1):  # lowest first: a moved cell never lands on one still to move
+            target = min((p + d // 2) // d, (p1 - 1) // d)
+            if target != p:
+                llama_cpp.llama_memory_seq_add(mem, seq, p, p + 1, target - p)
+
+    with make_session(model, runtime, 256) as session:
+        divider = choose_divider(session, "auto", native=rounds_to_nearest)
+    assert divider.name == "emulated" and not divider.probe.native_correct
+    assert "DEFECTIVE" in divider.reason and divider.probe.kl > 1e-3
 
 
 def test_auto_division_never_uses_a_defective_native_call(model, runtime):

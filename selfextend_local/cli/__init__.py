@@ -26,6 +26,7 @@ COMMANDS = {
     "ppl": "evals:ppl",
     "validate": "evals:validate",
     "convert": "evals:convert",
+    "build-llama": "run:build_llama",
 }
 
 

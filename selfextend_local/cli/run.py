@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from ..errors import BadInputError
-from .display import log, note, render_stream, stats_line
+from .display import is_verbose, line_editing, log, note, read_line, render_stream, stats_line
 from .options import extend_options, log_options, model_option, runtime_options, sampling_options
 
 
@@ -15,9 +16,14 @@ def load_for_cli(model_spec, runtime, verbose_flag: bool):
     from .. import llama_log
     from ..engine import load_model
 
-    llama_log.set_verbose(verbose_flag)
+    ctx = click.get_current_context(silent=True)
+    llama_log.set_echo(bool(ctx and ctx.meta.get("selfextend.llama_log")))
     model = load_model(model_spec, runtime)
     note(f"model: {model.path} ({model.info.architecture}, trained on {model.info.n_ctx_train} tokens)")
+    if is_verbose():
+        from ..division import build_description
+
+        note(f"llama.cpp: {build_description()}")
     return model
 
 
@@ -32,22 +38,42 @@ def describe_session(session) -> None:
 @runtime_options
 @log_options
 def info(model_arg: str | None, runtime, verbose: bool) -> None:
-    """Show a model's architecture, training context, quantization, size, and what SelfExtend reaches."""
+    """Show a model's architecture, training context, quantization, size, and what SelfExtend reaches,
+    and which llama.cpp build is loaded with the division it gives."""
     from ..info import describe
 
     model = load_for_cli(model_arg, runtime, verbose)
-    click.echo(describe(model))
+    click.echo(describe(model, runtime))
+
+
+@click.command("build-llama")
+@click.option("--version", "llama_version", default=None, help="llama-cpp-python release. Default: the newest.")
+@click.option("--no-cache", is_flag=True, help="Build again even if a wheel is cached.")
+def build_llama(llama_version: str | None, no_cache: bool) -> None:
+    """Rebuild llama-cpp-python from its sdist with our llama.cpp fix, in this environment.
+
+    Native division then replaces the emulation. CMAKE_ARGS is honoured (e.g. -DGGML_CUDA=on); the wheel
+    is cached, so doing it again costs seconds. Restart running servers afterwards.
+    """
+    from .. import llama_build
+
+    args = (["--version", llama_version] if llama_version else []) + (["--no-cache"] if no_cache else [])
+    sys.exit(llama_build.main(args))
 
 
 def _read_prompt(prompt: str | None, file) -> str:
+    from ..documents import MAX_TEXT_BYTES, decode_text, read_bounded, read_text_file
+
     if prompt is not None and file is not None:
         raise BadInputError("give the prompt as an argument or with --file, not both")
     if file is not None:
-        text = file.read()
+        text = read_text_file(file)
     elif prompt is not None and prompt != "-":
         text = prompt
     elif prompt == "-" or not sys.stdin.isatty():
-        text = sys.stdin.read()
+        stream = getattr(sys.stdin, "buffer", None)
+        data = read_bounded(stream, MAX_TEXT_BYTES, "stdin") if stream else sys.stdin.read().encode()
+        text = decode_text(data, "stdin")
     else:
         raise BadInputError("no prompt: pass it as an argument, with --file FILE, or on stdin")
     if not text.strip():
@@ -57,7 +83,7 @@ def _read_prompt(prompt: str | None, file) -> str:
 
 @click.command()
 @click.argument("prompt", required=False)
-@click.option("--file", "-f", type=click.File("r", encoding="utf-8"), help="Read the prompt from a file.")
+@click.option("--file", "-f", type=click.Path(path_type=Path), help="Read the prompt from a file.")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the model's chat template.")
 @click.option("--system", default=None, help="A system message (with the chat template).")
 @model_option
@@ -77,7 +103,7 @@ def generate(prompt, file, raw, system, model, runtime, extend, sampling, verbos
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         tokens = llm.chat_tokens(messages) if llm.info.chat_template else llm.tokenize(text)
-    with open_session(llm, len(tokens) + sampling.max_tokens, extend, runtime) as session:
+    with open_session(llm, len(tokens) + sampling.max_tokens, extend, runtime, generate=sampling.max_tokens) as session:
         describe_session(session)
         last = render_stream(lambda progress, stop: stream_generate(session, tokens, sampling, progress, stop))
         if last is not None:
@@ -97,28 +123,44 @@ def chat(system, model, runtime, extend, sampling, verbose) -> None:
 
     llm = load_for_cli(model, runtime, verbose)
     conversation = Conversation(llm, extend, runtime, sampling, system)
-    log(f"Chatting with {llm.info.name}. /reset starts over, /exit leaves, Ctrl-C stops a reply.")
+    log(f"Chatting with {llm.info.name}. /help lists the commands, /exit leaves, Ctrl-C stops a reply.")
     try:
-        while True:
-            try:
-                line = input(">>> ")
-            except EOFError:
-                break
-            except KeyboardInterrupt:
-                click.echo()
-                continue
-            command = line.strip()
-            if not command:
-                continue
-            if command in ("/exit", "/quit"):
-                break
-            if command == "/reset":
-                conversation.reset()
-                log("(conversation reset)")
-                continue
-            _chat_turn(conversation, command)
+        with line_editing("chat"):
+            _chat_loop(conversation)
     finally:
         conversation.close()
+
+
+CHAT_COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "start the conversation over",
+    "/exit": "leave (also /quit, or Ctrl-D)",
+}
+
+
+def _chat_loop(conversation) -> None:
+    while True:
+        try:
+            line = read_line(">>> ")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            log("")
+            continue
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            conversation.reset()
+            log("(conversation reset)")
+        elif command == "/help" or (command.startswith("/") and " " not in command):
+            if command != "/help":
+                log(f"unknown command {command}")
+            log("\n".join(f"  {name:8s} {what}" for name, what in CHAT_COMMANDS.items()))
+        else:
+            _chat_turn(conversation, command)
 
 
 def _chat_turn(conversation, text: str) -> None:
