@@ -66,10 +66,44 @@ def _hub_error(repo: str, exc: Exception) -> ModelError:
     )
 
 
+REACH_TIMEOUT = 3.0  # seconds to wait for the hub's (or the proxy's) TCP handshake
+
+
+def unreachable(url: str) -> str | None:
+    """Why ``url``'s host (or the proxy for it) cannot be reached now, or None when it answers.
+
+    huggingface-hub retries a dead network for about half a minute; one TCP handshake tells at once.
+    """
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    target = urlsplit(url)
+    proxy = urllib.request.getproxies().get(target.scheme)
+    if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
+        target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=REACH_TIMEOUT).close()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def _check_reachable(repo: str) -> None:
+    where = endpoint() or "https://huggingface.co"
+    if reason := unreachable(where):
+        raise ModelError(
+            f"cannot reach the hub at {where} for {repo} ({reason}); check the network, "
+            "or set HF_HUB_OFFLINE=1 to use the models already downloaded"
+        )
+
+
 def list_gguf(repo: str, token: str | None = None) -> list[RemoteFile]:
     """The repository's GGUF files with their sizes and SHA-256 (for LFS files)."""
     from huggingface_hub import HfApi
 
+    _check_reachable(repo)
     api = HfApi(endpoint=endpoint(), token=token or os.environ.get("HF_TOKEN"))
     try:
         entries = list(api.list_repo_tree(repo, recursive=True))

@@ -1,12 +1,13 @@
 """An on-disk cache of ingested documents: the KV state plus the schedule state that goes with it.
 
 An entry is keyed by the model file, the SelfExtend settings, the KV cache type, the llama.cpp build and
-the document's tokens. Layout: magic, header length, JSON header, the tokens, llama.cpp's sequence
-state, and a checksum of everything before it, so no byte of an entry (header included) is used
-unchecked. Entries are written to a temporary file (``.tmp-*.part``, never taken for an entry) and
-renamed; a truncated, corrupt or mismatched entry is deleted and rebuilt, never used. The folder is
-bounded in size: the least recently used entries go first, and temporary files left by a crash are
-removed once they are old enough that no live writer can own them.
+the document's tokens. Layout: llama.cpp's own sequence-state file (written and read by llama.cpp a layer
+at a time, so neither costs a copy of the state in memory), then our JSON header, its length, a checksum of
+every byte before it, and a magic footer. No byte of an entry is used unchecked: the checksum is verified
+(streaming) before llama.cpp reads the file. Entries are written to a temporary file (``.tmp-*.part``,
+never taken for an entry) and renamed; a truncated, corrupt or mismatched entry is deleted and rebuilt,
+never used. The folder is bounded in size: the least recently used entries go first, and temporary files
+left by a crash are removed once they are old enough that no live writer can own them.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-MAGIC = b"SXKV2\n"
+MAGIC = b"SXKV3\n"
 DEFAULT_LIMIT = 4 << 30  # bytes
 CACHE_ENV = "SELFEXTEND_LOCAL_CACHE"
 MAX_HEADER = 1 << 20
 DIGEST = 16
+TRAILER = 8 + DIGEST + len(MAGIC)  # header length, checksum, magic
 STALE_TEMP_SECONDS = 6 * 3600  # far longer than writing any entry takes
 _TEMP_PREFIX, _TEMP_SUFFIX = ".tmp-", ".part"
 _BLOCK = 8 << 20
@@ -50,12 +54,14 @@ class CacheWriteError(OSError):
 
 @dataclass(frozen=True)
 class Entry:
-    """What a cached document restores: the tokens, the schedule state and llama.cpp's sequence state."""
+    """A verified entry: llama.cpp reads the state from ``state_path`` (the same file that was checked)."""
 
-    tokens: list[int]
-    schedule_state: dict[str, int]
-    state: bytearray
     meta: dict
+    state_path: str
+
+    @property
+    def schedule_state(self) -> dict[str, int]:
+        return self.meta["schedule_state"]
 
 
 @dataclass(frozen=True)
@@ -77,31 +83,34 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _read_exact(f, n: int, hasher) -> bytearray:
-    out = bytearray(n)
-    view = memoryview(out)
-    got = 0
-    while got < n:
-        k = f.readinto(view[got : got + _BLOCK])
-        if not k:
+def _hash_range(f, end: int, hasher) -> None:
+    f.seek(0)
+    left = end
+    while left:
+        block = f.read(min(_BLOCK, left))
+        if not block:
             raise ValueError("truncated entry")
-        got += k
-    hasher.update(out)
-    return out
+        hasher.update(block)
+        left -= len(block)
 
 
-def _read_header(f, size: int) -> tuple[dict, bytes]:
-    start = f.read(len(MAGIC) + 8)
-    if len(start) < len(MAGIC) + 8 or start[: len(MAGIC)] != MAGIC:
+def _read_trailer(f, size: int) -> tuple[dict, int, bytes]:
+    """The header, where the header starts, and the stored checksum; ValueError for anything else."""
+    if size < TRAILER:
         raise ValueError("not a cache entry")
-    (header_len,) = struct.unpack("<Q", start[len(MAGIC) :])
-    if header_len > min(MAX_HEADER, size):
+    f.seek(size - TRAILER)
+    tail = f.read(TRAILER)
+    if tail[-len(MAGIC) :] != MAGIC:
+        raise ValueError("not a cache entry")
+    (header_len,) = struct.unpack("<Q", tail[:8])
+    if header_len > min(MAX_HEADER, size - TRAILER):
         raise ValueError("implausible header")
-    raw = f.read(header_len)
-    meta = json.loads(raw)
+    start = size - TRAILER - header_len
+    f.seek(start)
+    meta = json.loads(f.read(header_len))
     if not isinstance(meta, dict):
         raise ValueError("bad header")
-    return meta, start + raw
+    return meta, start, tail[8 : 8 + DIGEST]
 
 
 class KVCache:
@@ -118,54 +127,64 @@ class KVCache:
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.kv"
 
-    def get(self, identity: dict) -> Entry | None:
-        """The entry for ``identity``, or None; a damaged or mismatched entry is deleted."""
+    @contextmanager
+    def open(self, identity: dict) -> Iterator[Entry | None]:
+        """The verified entry for ``identity`` while the block runs, or None; a damaged or mismatched
+        entry is deleted. The file stays open, so the bytes llama.cpp reads are the ones checked."""
         path = self._path(self.key(identity))
         try:
-            entry = self._read(path)
+            f = path.open("rb")
         except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError, struct.error, MemoryError):
-            self.discard(identity)
-            return None
-        if entry.meta.get("identity") != identity:
-            self.discard(identity)
-            return None
-        try:
-            os.utime(path)  # mark as recently used
+            yield None
+            return
         except OSError:
-            pass
-        return entry
+            self.discard(identity)
+            yield None
+            return
+        with f:
+            try:
+                meta = self._verify(f)
+                if meta.get("identity") != identity:
+                    raise ValueError("another document's entry")
+            except (OSError, ValueError, KeyError, TypeError, struct.error, MemoryError):
+                self.discard(identity)
+                yield None
+                return
+            try:
+                os.utime(path)  # mark as recently used
+            except OSError:
+                pass
+            same_file = f"/proc/self/fd/{f.fileno()}"
+            yield Entry(meta, same_file if os.path.exists(same_file) else str(path))
+
+    def _verify(self, f) -> dict:
+        size = os.fstat(f.fileno()).st_size
+        meta, header_start, stored = _read_trailer(f, size)
+        if not isinstance(meta.get("n_tokens"), int) or not isinstance(meta.get("schedule_state"), dict):
+            raise ValueError("the header lacks what a restore needs")
+        hasher = hashlib.blake2b(digest_size=DIGEST)
+        _hash_range(f, size - DIGEST - len(MAGIC), hasher)
+        if hasher.digest() != stored or header_start <= 0:
+            raise ValueError("checksum mismatch")
+        return meta
 
     def discard(self, identity: dict) -> None:
         """Delete the entry for ``identity`` (one that failed to restore, say)."""
         _remove(self._path(self.key(identity)))
 
-    def _read(self, path: Path) -> Entry:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            meta, head = _read_header(f, size)
-            n_tokens, n_state = int(meta["n_tokens"]), int(meta["state_bytes"])
-            if len(head) + 4 * n_tokens + n_state + DIGEST != size or n_tokens < 0 or n_state < 0:
-                raise ValueError("the entry's size does not match its header")
-            hasher = hashlib.blake2b(head, digest_size=DIGEST)
-            tokens = np.frombuffer(_read_exact(f, 4 * n_tokens, hasher), dtype=np.int32)
-            state = _read_exact(f, n_state, hasher)
-            if f.read(DIGEST + 1) != hasher.digest():
-                raise ValueError("checksum mismatch")
-        return Entry(tokens.tolist(), meta["schedule_state"], state, meta)
-
-    def put(self, identity: dict, tokens: list[int], schedule_state: dict[str, int], state, info: dict) -> Path:
-        """Store an entry (temporary file, then rename), then evict down to the size limit.
-
-        ``state`` is any bytes-like object; it is written as it is, not copied. Raises CacheWriteError.
-        """
-        token_bytes = np.asarray(tokens, dtype=np.int32).tobytes()
-        state = memoryview(state).cast("B")
+    def put(
+        self,
+        identity: dict,
+        write_state: Callable[[Path], None],
+        n_tokens: int,
+        schedule_state: dict[str, int],
+        info: dict,
+    ) -> Path:
+        """Store an entry: ``write_state(path)`` writes llama.cpp's state file, we append the header and
+        the checksum, then rename; then evict down to the size limit. Raises CacheWriteError."""
         meta = {
             "identity": identity,
-            "n_tokens": len(tokens),
-            "state_bytes": len(state),
+            "n_tokens": n_tokens,
             "schedule_state": schedule_state,
             "created": time.time(),
             **info,
@@ -176,20 +195,20 @@ class KVCache:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX)
-            with os.fdopen(fd, "wb") as f:
+            os.close(fd)
+            write_state(Path(tmp))
+            with open(tmp, "r+b") as f:
                 hasher = hashlib.blake2b(digest_size=DIGEST)
-                for part in (MAGIC + struct.pack("<Q", len(header)) + header, token_bytes):
-                    f.write(part)
-                    hasher.update(part)
-                for start in range(0, len(state), _BLOCK):
-                    block = state[start : start + _BLOCK]
-                    f.write(block)
-                    hasher.update(block)
-                f.write(hasher.digest())
+                _hash_range(f, os.fstat(f.fileno()).st_size, hasher)
+                tail = header + struct.pack("<Q", len(header))
+                hasher.update(tail)
+                f.seek(0, os.SEEK_END)
+                f.write(tail + hasher.digest() + MAGIC)
             os.replace(tmp, path)
             tmp = None
-        except OSError as exc:
-            raise CacheWriteError(f"the document cache was not written to {self.root}: {exc.strerror or exc}") from exc
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise CacheWriteError(f"the document cache was not written to {self.root}: {reason}") from exc
         finally:
             if tmp:
                 Path(tmp).unlink(missing_ok=True)
@@ -206,7 +225,7 @@ class KVCache:
                 continue
             try:
                 with path.open("rb") as f:
-                    meta, _ = _read_header(f, os.fstat(f.fileno()).st_size)
+                    meta, _, _ = _read_trailer(f, os.fstat(f.fileno()).st_size)
                 stat = path.stat()
             except (OSError, ValueError, struct.error):
                 continue

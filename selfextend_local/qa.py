@@ -1,5 +1,11 @@
 """Questions about one long document: ingest it once (or restore it from the cache), then answer each
-question by ingesting only the question."""
+question by ingesting only the question.
+
+After the document, the session is *held* (see :meth:`Session.hold`): questions and answers are appended
+without grouping, so dropping them restores the document's state exactly, with no copy of it in memory.
+The on-disk cache entry is written by llama.cpp a layer at a time, after the first answer rather than
+while the user waits for it.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +27,31 @@ SYSTEM = "Answer the question using the document. Be brief and precise."
 QUESTION_BUDGET = 256  # tokens reserved for each question in the context
 _SLOT = "\x00QUESTION\x00"
 
+Pieces = list[tuple[str, bool]]
+
+
+def document_prompt(model: Model, document: str) -> tuple[list[int], Pieces]:
+    """The prompt's tokens up to where the question goes, and the template's pieces after it."""
+    user = f"Document:\n{document}\n\nQuestion:{_SLOT}"
+    if model.info.chat_template:
+        pieces = model.chat_segments([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
+    else:
+        pieces = [(f"{SYSTEM}\n\n", True), (user, False), ("\nAnswer:", True)]
+    at = next(i for i, (text, _) in enumerate(pieces) if _SLOT in text)
+    head, tail = pieces[at][0].split(_SLOT)
+    return model.segments_tokens(pieces[:at] + [(head, False)]), [(tail, False)] + pieces[at + 1 :]
+
+
+def question_tokens(model: Model, question: str, after: Pieces) -> list[int]:
+    """The question (user text: special-token syntax in it is not parsed) and the template's tail."""
+    tokens = model.segments_tokens([(" " + question.strip(), False)] + after, bos=False)
+    if len(tokens) > QUESTION_BUDGET:
+        raise InputTooLongError(f"the question has {len(tokens)} tokens; keep it under {QUESTION_BUDGET}")
+    return tokens
+
 
 class DocumentQA:
-    """A document held in a session; ``ask`` restores the document-only state before each question."""
+    """A document held in a session; ``ask`` returns to the document-only state before each question."""
 
     def __init__(
         self,
@@ -37,24 +65,19 @@ class DocumentQA:
         self.model = model
         self.sampling = sampling
         self.cache = cache
-        user = f"Document:\n{document}\n\nQuestion:{_SLOT}"
-        if model.info.chat_template:
-            pieces = model.chat_segments([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
-        else:
-            pieces = [(f"{SYSTEM}\n\n", True), (user, False), ("\nAnswer:", True)]
-        # Everything before the slot is the document's part of the prompt; what follows it, the template's tail.
-        at = next(i for i, (text, _) in enumerate(pieces) if _SLOT in text)
-        head, tail = pieces[at][0].split(_SLOT)
-        self.doc_tokens = model.segments_tokens(pieces[:at] + [(head, False)])
-        self._after = [(tail, False)] + pieces[at + 1 :]
-        needed = len(self.doc_tokens) + QUESTION_BUDGET + sampling.max_tokens
-        self.session = open_session(model, needed, extend, runtime)
-        self._snapshot: tuple[bytearray, dict[str, int]] | None = None
+        self.doc_tokens, self._after = document_prompt(model, document)
+        room = QUESTION_BUDGET + sampling.max_tokens
+        self.session = open_session(model, len(self.doc_tokens) + room, extend, runtime, generate=room)
+        self._room = room
+        self._snapshot: tuple[bytearray, dict[str, int]] | None = None  # only when the session cannot hold
+        self._unsaved = False
         self.source: str | None = None
         self.cache_warning: str | None = None
 
     def close(self) -> None:
-        self.session.close()
+        if self.session.ctx is not None:
+            self.save()
+            self.session.close()
 
     def __enter__(self) -> DocumentQA:
         return self
@@ -84,59 +107,82 @@ class DocumentQA:
     def load(self, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> str:
         """Make the document's state ready: from the cache ("cache") or by ingesting it ("ingested").
 
-        An entry that llama.cpp or the schedule will not take is deleted and the document ingested; a
-        cache that cannot be written is skipped, and ``cache_warning`` says why.
+        An entry that llama.cpp or the schedule will not take is deleted and the document ingested.
         """
-        identity = self.identity() if self.cache else None
-        if self.cache and self._restore(identity):
+        if self.cache and self._restore():
             self.source = "cache"
-            return self.source
-        self.session.reset()
-        self.session.ingest(self.doc_tokens, progress, should_stop=should_stop)
-        self._snapshot = (self.session.state_bytes(), self.session.schedule.state())
-        if self.cache:
-            info = {"model_name": self.model.info.name, "plan": self.session.plan.describe()}
-            try:
-                self.cache.put(identity, self.doc_tokens, self._snapshot[1], self._snapshot[0], info)
-            except CacheWriteError as exc:
-                self.cache_warning = str(exc)
-        self.source = "ingested"
+        else:
+            self.session.reset()
+            self.session.ingest(self.doc_tokens, progress, should_stop=should_stop)
+            self.source = "ingested"
+            self._unsaved = self.cache is not None
+        if not self.session.hold(self._room):
+            # Questions and answers would reach past the training context without grouping: keep a copy.
+            self._snapshot = (self.session.state_bytes(), self.session.schedule.state())
+            self.save()
         return self.source
 
-    def _restore(self, identity: dict) -> bool:
-        entry = self.cache.get(identity)
-        if entry is None or entry.tokens != self.doc_tokens:
-            return False
-        try:
-            self.session.load_state(entry.state, entry.tokens, entry.schedule_state)
-        except EngineError:
+    def _restore(self) -> bool:
+        identity = self.identity()
+        with self.cache.open(identity) as entry:
+            if entry is None:
+                return False
+            try:
+                self.session.load_file(entry.state_path, entry.schedule_state)
+            except EngineError:
+                failed = True
+            else:
+                failed = self.session.tokens != self.doc_tokens
+        if failed:
             self.cache.discard(identity)
-            return False
-        self._snapshot = (entry.state, entry.schedule_state)
-        return True
+            self.session.reset()
+        return not failed
+
+    def save(self) -> None:
+        """Write the document's state to the cache if it was ingested and not written yet (once).
+
+        A cache that cannot be written is skipped, and ``cache_warning`` says why.
+        """
+        if not self._unsaved:
+            return
+        self._unsaved = False
+        self._back_to_document()
+        info = {"model_name": self.model.info.name, "plan": self.session.plan.describe()}
+        try:
+            self.cache.put(
+                self.identity(), self.session.save_file, len(self.doc_tokens), self.session.schedule.state(), info
+            )
+        except CacheWriteError as exc:
+            self.cache_warning = str(exc)
+
+    def _back_to_document(self) -> None:
+        if self.session.tokens == self.doc_tokens:
+            return
+        if self.session.held is not None:
+            self.session.rewind()
+        else:
+            self.session.load_state(self._snapshot[0], self.doc_tokens, self._snapshot[1])
 
     def question_tokens(self, question: str) -> list[int]:
-        # The question is user text: special-token syntax in it is not parsed; the template's tail is.
-        tokens = self.model.segments_tokens([(" " + question.strip(), False)] + self._after, bos=False)
-        if len(tokens) > QUESTION_BUDGET:
-            raise InputTooLongError(f"the question has {len(tokens)} tokens; keep it under {QUESTION_BUDGET}")
-        return tokens
+        return question_tokens(self.model, question, self._after)
 
     def ask(
         self, question: str, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None
     ) -> Iterator[Chunk]:
-        """Stream the answer to ``question``; the document is loaded first if it is not yet.
+        """Stream the answer to ``question``; the document is loaded first if it is not yet, and written
+        to the cache once the first answer is complete.
 
         Timings include the loading, so the first chunk's ``prompt_seconds`` is the time to first token.
         """
         tokens = self.question_tokens(question)
         start = time.perf_counter()
         ingested = False
-        if self._snapshot is None:
+        if self.source is None:
             ingested = self.load(progress, should_stop) == "ingested"
-        elif self.session.tokens != self.doc_tokens:
-            self.session.load_state(self._snapshot[0], self.doc_tokens, self._snapshot[1])
+        else:
+            self._back_to_document()
         setup = time.perf_counter() - start
         for chunk in stream_generate(self.session, self.doc_tokens + tokens, self.sampling, None, should_stop):
             reused = 0 if ingested else chunk.reused_tokens
             yield replace(chunk, prompt_seconds=chunk.prompt_seconds + setup, reused_tokens=reused)
+        self.save()

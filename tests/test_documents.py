@@ -70,36 +70,51 @@ def test_pdf_text(tmp_path):
 IDENTITY = {"model": "m.gguf", "document": "abc", "group": 4}
 
 
+def put(cache, identity, state: bytes, schedule_state=None, n_tokens=3):
+    """An entry whose llama.cpp part is ``state`` (written as llama.cpp would write its file)."""
+    write = lambda path: path.write_bytes(state)  # noqa: E731
+    return cache.put(identity, write, n_tokens, schedule_state or {}, {"model_name": "m"})
+
+
+def get(cache, identity):
+    """(header, the llama.cpp part's first bytes) of the verified entry, or None."""
+    with cache.open(identity) as entry:
+        if entry is None:
+            return None
+        with open(entry.state_path, "rb") as f:
+            return entry.meta, f.read()
+
+
 def test_cache_round_trip(tmp_path):
     cache = KVCache(tmp_path)
-    cache.put(IDENTITY, [1, 2, 3], {"n_tokens": 3}, b"state-bytes", {"model_name": "m"})
-    entry = cache.get(IDENTITY)
-    assert entry.tokens == [1, 2, 3] and entry.state == b"state-bytes" and entry.schedule_state == {"n_tokens": 3}
-    assert cache.get({**IDENTITY, "group": 8}) is None
+    put(cache, IDENTITY, b"state-bytes", {"n_tokens": 3})
+    meta, data = get(cache, IDENTITY)
+    assert data.startswith(b"state-bytes") and meta["schedule_state"] == {"n_tokens": 3} and meta["n_tokens"] == 3
+    assert get(cache, {**IDENTITY, "group": 8}) is None
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
 def test_damaged_entry_is_dropped(tmp_path, damage):
     cache = KVCache(tmp_path)
-    path = cache.put(IDENTITY, [1, 2, 3], {}, b"x" * 1000, {})
+    path = put(cache, IDENTITY, b"x" * 1000)
     data = bytearray(path.read_bytes())
     if damage == "flip":
-        data[-10] ^= 0xFF
+        data[500] ^= 0xFF
     elif damage == "truncate":
         data = data[:-100]
     else:
         data = bytearray(b"hello")
     path.write_bytes(bytes(data))
-    assert cache.get(IDENTITY) is None
+    assert get(cache, IDENTITY) is None
     assert not path.exists()
 
 
 def test_mismatched_entry_is_dropped(tmp_path):
     cache = KVCache(tmp_path)
     other = {**IDENTITY, "document": "zzz"}
-    path = cache.put(other, [9], {}, b"y", {})
+    path = put(cache, other, b"y")
     path.rename(tmp_path / f"{cache.key(IDENTITY)}.kv")  # right name, wrong contents
-    assert cache.get(IDENTITY) is None
+    assert get(cache, IDENTITY) is None
     assert not (tmp_path / f"{cache.key(IDENTITY)}.kv").exists()
 
 
@@ -107,42 +122,42 @@ def test_least_recently_used_entries_go_first(tmp_path):
     import os
     import time
 
-    cache = KVCache(tmp_path, limit=2500)
+    cache = KVCache(tmp_path, limit=2800)
     ids = [{**IDENTITY, "document": str(i)} for i in range(3)]
     for i, ident in enumerate(ids[:2]):
-        path = cache.put(ident, [i], {}, b"z" * 1000, {})
+        path = put(cache, ident, b"z" * 1000)
         os.utime(path, (time.time() - 100 + i, time.time() - 100 + i))
-    assert cache.get(ids[0]) is not None  # touch the older one: now the newer one is least recent
-    cache.put(ids[2], [2], {}, b"z" * 1000, {})
-    assert cache.get(ids[0]) is not None and cache.get(ids[2]) is not None
-    assert cache.get(ids[1]) is None
+    assert get(cache, ids[0]) is not None  # touch the older one: now the newer one is least recent
+    put(cache, ids[2], b"z" * 1000)
+    assert get(cache, ids[0]) is not None and get(cache, ids[2]) is not None
+    assert get(cache, ids[1]) is None
     assert cache.clear() == 2
 
 
 def test_every_byte_of_an_entry_is_checked(tmp_path):
     """A flipped bit anywhere, the JSON header and its schedule state included, drops the entry."""
     cache = KVCache(tmp_path)
-    path = cache.put(IDENTITY, [1, 2, 3], {"n_tokens": 3, "n_grouped": 0}, b"s" * 64, {})
+    path = put(cache, IDENTITY, b"s" * 64, {"n_tokens": 3, "n_grouped": 0})
     clean = path.read_bytes()
     for offset in range(0, len(clean), 7):
         damaged = bytearray(clean)
         damaged[offset] ^= 0x01
         path.write_bytes(bytes(damaged))
-        assert cache.get(IDENTITY) is None, offset
+        assert get(cache, IDENTITY) is None, offset
         assert not path.exists()
         path.write_bytes(clean)
-    assert cache.get(IDENTITY).schedule_state == {"n_tokens": 3, "n_grouped": 0}
+    assert get(cache, IDENTITY)[0]["schedule_state"] == {"n_tokens": 3, "n_grouped": 0}
 
 
 def test_an_absurd_header_length_is_not_allocated(tmp_path):
     import struct
 
-    from selfextend_local.kvcache import MAGIC
+    from selfextend_local.kvcache import DIGEST, MAGIC
 
     cache = KVCache(tmp_path)
     path = tmp_path / f"{cache.key(IDENTITY)}.kv"
-    path.write_bytes(MAGIC + struct.pack("<Q", 1 << 62) + b"{}")
-    assert cache.get(IDENTITY) is None and not path.exists()
+    path.write_bytes(b"{}" + struct.pack("<Q", 1 << 62) + b"d" * DIGEST + MAGIC)
+    assert get(cache, IDENTITY) is None and not path.exists()
 
 
 def test_temporary_files_are_not_entries_and_only_stale_ones_go(tmp_path):
@@ -155,23 +170,29 @@ def test_temporary_files_are_not_entries_and_only_stale_ones_go(tmp_path):
     young.write_bytes(b"x" * 100)
     old.write_bytes(b"x" * 100)
     os.utime(old, (time.time() - 7 * 3600,) * 2)
-    cache.put(IDENTITY, [1], {}, b"y" * 100, {})
+    put(cache, IDENTITY, b"y" * 100)
     assert [e.path.name for e in cache.entries()] == [f"{cache.key(IDENTITY)}.kv"]
     assert young.exists() and not old.exists()
     assert cache.clear() == 1 and young.exists()
 
 
-@pytest.mark.parametrize("obstacle", ["entry is a directory", "folder is a file"])
+@pytest.mark.parametrize("obstacle", ["entry is a directory", "folder is a file", "llama.cpp fails"])
 def test_a_cache_that_cannot_be_written_says_so(tmp_path, obstacle):
     from selfextend_local.kvcache import CacheWriteError
 
     root = tmp_path / "kv"
     cache = KVCache(root)
+    write = lambda path: path.write_bytes(b"z")  # noqa: E731
     if obstacle == "folder is a file":
         root.write_text("not a folder")
-    else:
+    elif obstacle == "entry is a directory":
         (root / f"{cache.key(IDENTITY)}.kv").mkdir(parents=True)
+    else:
+
+        def write(path):
+            raise OSError("llama.cpp could not write it: disk full")
+
     with pytest.raises(CacheWriteError, match="was not written"):
-        cache.put(IDENTITY, [1], {}, b"z", {})
-    assert cache.get(IDENTITY) is None
-    assert not [p for p in root.glob(".tmp-*")] if root.is_dir() else True
+        cache.put(IDENTITY, write, 1, {}, {})
+    assert get(cache, IDENTITY) is None
+    assert not list(root.glob(".tmp-*")) if root.is_dir() else True

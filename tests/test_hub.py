@@ -178,3 +178,17 @@ def test_quant_names_are_parsed_from_file_names():
         assert RemoteFile(name, 1, None).quant == quant
     files = [RemoteFile(n, 1, None) for n in names]
     assert [f.path for f in choose(files, "r", quant="q8_0")] == ["qwen2-7b-instruct-q8_0.gguf"]
+
+
+@pytest.mark.parametrize("spec", ["mistral-7b-instruct", "acme/nothing-GGUF:Q4_K_M"])
+def test_without_a_network_a_hub_model_fails_at_once(tmp_path, monkeypatch, spec):
+    """No retries for half a minute: one handshake to the (closed) endpoint, one line."""
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("SELFEXTEND_LOCAL_MODELS", str(tmp_path / "models"))
+    start = time.perf_counter()
+    result = run("generate", "-m", spec, "hi")
+    assert time.perf_counter() - start < 5
+    assert result.exit_code == 1 and "cannot reach the hub at http://127.0.0.1:9" in result.stderr
+    assert "HF_HUB_OFFLINE=1" in result.stderr and "Traceback" not in result.output

@@ -173,3 +173,21 @@ def test_two_processes_sharing_a_cache_both_answer(tmp_path):
             assert proc.returncode == 0, err
             assert f"Q: {Q2}" in out and "Traceback" not in err and "not written" not in err
     assert not list(kv.glob(".tmp-*"))
+
+
+def test_progress_lines_when_stderr_is_a_pipe(tmp_path):
+    """No terminal: periodic one-line progress with done/total, the rate and the time left."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "doc.txt"
+    path.write_text(DOC)
+    cmd = [sys.executable, "-m", "selfextend_local.cli", "qa", "--doc", str(path), "--no-cache", "-n", "2", Q1]
+    env = {**os.environ, "SELFEXTEND_LOCAL_PROGRESS_SECONDS": "0"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("reading document: ")]
+    assert len(lines) >= 3 and "tokens (" in lines[0]
+    assert any("tok/s, about" in line and "left" in line for line in lines[1:-1])
+    assert lines[-1].startswith(f"reading document: {lines[-1].split()[2]}") and "done in" in lines[-1]

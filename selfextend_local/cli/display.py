@@ -73,33 +73,75 @@ def note(message: str) -> None:
         log(message)
 
 
-class IngestProgress:
-    """A ``(done, total)`` callback drawing a bar with tokens/s on stderr (drawn only on a terminal)."""
+PROGRESS_SECONDS_ENV = "SELFEXTEND_LOCAL_PROGRESS_SECONDS"
 
-    def __init__(self, label: str = "ingesting") -> None:
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class IngestProgress:
+    """A ``(done, total)`` callback for long work, on stderr.
+
+    On a terminal: a bar with the rate. Otherwise (a log file, a pipe, CI): one line when work starts, then
+    one every ``every`` seconds ($SELFEXTEND_LOCAL_PROGRESS_SECONDS, default 10) and one at the end, each
+    with done/total, the rate and the time left.
+    """
+
+    def __init__(
+        self, label: str = "ingesting", unit: str = "tokens", rate_unit: str = "tok/s", per_minute: bool = False
+    ) -> None:
         self.label = label
+        self.unit = unit
+        self.rate_unit = rate_unit
+        self.scale = 60.0 if per_minute else 1.0
         self.bar = None
-        self.start = 0.0
+        self.start: float | None = None
+        self.first = 0
         self.done = 0
+        self.printed = float("-inf")
+        self.every = float(os.environ.get(PROGRESS_SECONDS_ENV, "10"))
 
     def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.start = time.perf_counter()
-            self.bar = click.progressbar(
-                length=total, label=self.label, file=sys.stderr, show_pos=True, item_show_func=self._rate
-            )
-            self.bar.__enter__()
-            self.first = done
-        self.bar.update(done - self.done, done)
+        now = time.perf_counter()
+        if self.start is None:
+            self.start, self.first = now, done
+        if sys.stderr.isatty():
+            self._draw(done, total)
+        elif done >= total or now - self.printed >= self.every:
+            log(self.line(done, total, now))
+            self.printed = now
         self.done = done
         if done >= total:
             self.close()
 
+    def rate(self, done: int, now: float) -> float:
+        seconds = now - (self.start or now)
+        return (done - self.first) / seconds if seconds > 0 else 0.0
+
+    def line(self, done: int, total: int, now: float) -> str:
+        rate = self.rate(done, now)
+        text = f"{self.label}: {done:,}/{total:,} {self.unit} ({100 * done / max(total, 1):.0f}%)"
+        if rate > 0:
+            text += f", {rate * self.scale:,.1f} {self.rate_unit}"
+            if done < total:
+                text += f", about {_duration((total - done) / rate)} left"
+        if done >= total and self.start is not None:
+            text += f", done in {_duration(now - self.start)}"
+        return text
+
+    def _draw(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(
+                length=total, label=self.label, file=sys.stderr, show_pos=True, item_show_func=self._rate
+            )
+            self.bar.__enter__()
+        self.bar.update(done - self.done, done)
+
     def _rate(self, done: int | None) -> str:
-        seconds = time.perf_counter() - self.start
-        if not done or seconds <= 0:
-            return ""
-        return f"{(done - self.first) / seconds:,.0f} tok/s"
+        rate = self.rate(done or 0, time.perf_counter())
+        return f"{rate * self.scale:,.1f} {self.rate_unit}" if rate > 0 else ""
 
     def close(self) -> None:
         if self.bar is not None:
