@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import llama_cpp
+import numpy as np
 
 from .session import Progress, Session
 from .settings import SamplingSettings
@@ -40,27 +41,14 @@ class Sampler:
         """Draw the next token from the logits of the session's latest decode."""
         return llama_cpp.llama_sampler_sample(self.chain, session.ctx, -1)
 
+    def sample_at(self, ctx, index: int) -> int:
+        """Draw the next token from output ``index`` of the latest decode (a batch of many sequences)."""
+        return llama_cpp.llama_sampler_sample(self.chain, ctx, index)
+
     def close(self) -> None:
         if self.chain:
             llama_cpp.llama_sampler_free(self.chain)
             self.chain = None
-
-
-def generate_step(
-    session: Session, sampler: Sampler, max_tokens: int, should_stop: Callable[[], bool] | None = None
-) -> Iterator[int]:
-    """Yield sampled tokens, decoding each (so the schedule keeps going) before drawing the next.
-
-    Stops after an end-of-generation token, ``max_tokens`` tokens, or when ``should_stop()`` is true.
-    """
-    for i in range(max_tokens):
-        if should_stop and should_stop():
-            return
-        token = sampler.sample(session)
-        yield token
-        if session.model.is_eog(token) or i + 1 == max_tokens:
-            return
-        session.decode_token(token)
 
 
 @dataclass(frozen=True)
@@ -146,43 +134,76 @@ class StopMatcher:
         return text
 
 
+class TextStream:
+    """Turns one sequence's sampled tokens into :class:`Chunk` s: UTF-8 pieces, stop strings, counts and
+    timings, and the finish reason. Shared by :func:`stream_generate` and the batch scheduler."""
+
+    def __init__(self, model, sampling: SamplingSettings, n_prompt: int, reused: int, prompt_seconds: float) -> None:
+        self.model = model
+        self.max_tokens = sampling.max_tokens
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopMatcher(sampling.stop)
+        self.n_prompt, self.reused, self.prompt_seconds = n_prompt, reused, prompt_seconds
+        self.generated = 0
+        self.start = time.perf_counter()
+        self.finish: str | None = None
+
+    def chunk(self, text: str, token: int | None, reason: str | None = None) -> Chunk:
+        seconds = time.perf_counter() - self.start
+        return Chunk(text, token, reason, self.n_prompt, self.reused, self.generated, self.prompt_seconds, seconds)
+
+    def push(self, token: int) -> list[Chunk]:
+        """The chunks for a sampled token; when they end the reply, :attr:`finish` says why."""
+        if self.model.is_eog(token):
+            return [self.end("stop")]
+        self.generated += 1
+        text, stopped = self.stops.feed(self.decoder.decode(self.model.piece(token)))
+        chunks = [self.chunk(text, token)]
+        if stopped:
+            self.finish = "stop"
+            chunks.append(self.chunk("", None, "stop"))
+        elif self.generated == self.max_tokens:
+            chunks.append(self.end("length"))
+        return chunks
+
+    def end(self, reason: str) -> Chunk:
+        """The last chunk: what was held back, and the finish reason (``interrupted`` when cut short)."""
+        self.finish = reason
+        return self.chunk(self.stops.flush() + self.decoder.decode(b"", final=True), None, reason)
+
+
 def stream_generate(
     session: Session,
     prompt_tokens: Sequence[int],
     sampling: SamplingSettings,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_logits: Callable[[np.ndarray], None] | None = None,
 ) -> Iterator[Chunk]:
-    """Ingest the prompt (reusing any cached prefix), then stream the reply as text chunks."""
+    """Ingest the prompt (reusing any cached prefix), then stream the reply as text chunks.
+
+    ``on_logits`` receives the logits each token is sampled from (for evaluations).
+
+    Generated tokens do not move the cache (:meth:`Session.hold`) when the reply fits the trained
+    positions: no K-shift is paid per token, and the next prompt that extends this one reuses all of it.
+    """
     start = time.perf_counter()
     reused = session.prefill(prompt_tokens, progress, should_stop=should_stop)
-    prompt_seconds = time.perf_counter() - start
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    stops = StopMatcher(sampling.stop)
+    if session.held is None:
+        session.hold(sampling.max_tokens)
+    stream = TextStream(session.model, sampling, len(prompt_tokens), reused, time.perf_counter() - start)
     sampler = Sampler(sampling)
-    n = 0
-    finish = "interrupted"
-    gen_start = time.perf_counter()
-
-    def chunk(text: str, token: int | None, reason: str | None = None) -> Chunk:
-        return Chunk(
-            text, token, reason, len(prompt_tokens), reused, n, prompt_seconds, time.perf_counter() - gen_start
-        )
-
     try:
-        for token in generate_step(session, sampler, sampling.max_tokens, should_stop):
-            if session.model.is_eog(token):
-                finish = "stop"
-                break
-            n += 1
-            text, stopped = stops.feed(decoder.decode(session.model.piece(token)))
-            yield chunk(text, token)
-            if stopped:
-                yield chunk("", None, "stop")
+        while stream.finish is None:
+            if should_stop and should_stop():
+                yield stream.end("interrupted")
                 return
-            if n == sampling.max_tokens:
-                finish = "length"
-        yield chunk(stops.flush() + decoder.decode(b"", final=True), None, finish)
+            if on_logits:
+                on_logits(session.last_logits())
+            chunks = stream.push(sampler.sample(session))
+            yield from chunks
+            if stream.finish is None:
+                session.decode_token(chunks[-1].token)
     finally:
         sampler.close()
 

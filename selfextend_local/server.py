@@ -1,9 +1,10 @@
 """An OpenAI-compatible HTTP server with SelfExtend (FastAPI, uvicorn, SSE through sse-starlette).
 
-Requests run one at a time on a worker thread that owns the model and one session; waiting requests
-sit in a bounded queue, and one more gets an immediate 429. The session is kept between requests: a
-request whose tokens start with what the cache holds ingests only the rest (see Session.prefill for
-when that is exact under SelfExtend). A client that disconnects mid-stream stops its generation.
+Requests run on an engine thread (:mod:`selfextend_local.worker`) that decodes up to ``slots`` of them
+together (:mod:`selfextend_local.batching`), each with its own SelfExtend plan and sampling; waiting
+requests sit in a bounded queue, and one more gets an immediate 429. A slot keeps its cache between
+requests: a request whose tokens start with what a slot holds ingests only the rest. A client that
+disconnects mid-stream stops its generation and frees its slot.
 """
 
 from __future__ import annotations
@@ -11,27 +12,23 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import queue
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 
-from .engine import plan_for
 from .errors import BadInputError, InputTooLongError, SelfExtendError
-from .generate import Chunk, stream_generate
+from .generate import Chunk
 from .model import Model
-from .session import Session
 from .settings import SCHEDULES, ExtendSettings, RuntimeSettings, SamplingSettings
+from .worker import Job, Worker
 
-STARTED = "started"  # the worker's first item for a job: a session is ready and generation begins
 EXTRA_FIELD = "selfextend"  # the extra body field for per-request settings: {"group": 4, "window": 2048, ...}
 _DEFAULTS = SamplingSettings()
 
@@ -41,6 +38,8 @@ class ServerLimits:
     queue_size: int = 8
     max_body_bytes: int = 8 << 20
     max_tokens: int = 4096
+    slots: int = 1  # requests decoded together
+    cells: int = 8192  # KV cells of each slot: the longest request, prompt and max_tokens
 
 
 class APIError(Exception):
@@ -117,90 +116,6 @@ class ChatRequest(CommonRequest):
 
 class CompletionRequest(CommonRequest):
     prompt: str
-
-
-@dataclass
-class Job:
-    tokens: list[int]
-    extend: ExtendSettings
-    sampling: SamplingSettings
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-class Worker:
-    """Owns the session; runs jobs in order on one thread and streams chunks back to the event loop."""
-
-    def __init__(self, model: Model, runtime: RuntimeSettings, limits: ServerLimits) -> None:
-        self.model = model
-        self.runtime = runtime
-        self.limits = limits
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.pending = 0
-        self.lock = threading.Lock()
-        self.session: Session | None = None
-        self.current: Job | None = None
-        self.thread = threading.Thread(target=self._run, name="selfextend-worker", daemon=True)
-        self.thread.start()
-
-    def admit(self) -> bool:
-        """Take a place (running or waiting) if one is free."""
-        with self.lock:
-            if self.pending > self.limits.queue_size:
-                return False
-            self.pending += 1
-            return True
-
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
-
-    def stop(self) -> None:
-        """Cancel the running job and every waiting one, then end the thread (the server is stopping)."""
-        with self.jobs.mutex:  # waiting jobs are answered at once (nothing generated) as the thread drains them
-            for job in self.jobs.queue:
-                if job is not None:
-                    job.cancelled.set()
-        current = self.current
-        if current is not None:
-            current.cancelled.set()
-        self.jobs.put(None)
-        self.thread.join(timeout=10)
-        if self.session and not self.thread.is_alive():
-            self.session.close()
-
-    def _session_for(self, job: Job) -> Session:
-        plan = plan_for(self.model, len(job.tokens) + job.sampling.max_tokens, job.extend, self.runtime)
-        current = self.session
-        same = current and (current.plan.group, current.plan.window, current.plan.schedule) == (
-            plan.group,
-            plan.window,
-            plan.schedule,
-        )
-        if same and current.n_ctx >= plan.n_ctx:
-            return current
-        if current:
-            current.close()
-        self.session = None
-        self.session = Session(self.model, plan, self.runtime)
-        return self.session
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            self.current = job
-            try:
-                if not job.cancelled.is_set():
-                    session = self._session_for(job)
-                    job.loop.call_soon_threadsafe(job.out.put_nowait, STARTED)
-                    for chunk in stream_generate(session, job.tokens, job.sampling, should_stop=job.cancelled.is_set):
-                        job.loop.call_soon_threadsafe(job.out.put_nowait, chunk)
-                job.loop.call_soon_threadsafe(job.out.put_nowait, None)
-            except Exception as exc:  # delivered to the request, the worker goes on
-                job.loop.call_soon_threadsafe(job.out.put_nowait, exc)
-            finally:
-                self.current = None
-                with self.lock:
-                    self.pending -= 1
 
 
 async def _next_item(job: Job):
@@ -289,7 +204,7 @@ def create_app(
     base_extend = extend or ExtendSettings()
     allowed_hosts = None if api_key else allowed_hosts
     model_id = model.path.stem
-    worker = Worker(model, runtime, limits)
+    worker = Worker(model, runtime, limits.slots, limits.cells, limits.queue_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -317,7 +232,7 @@ def create_app(
     @app.get("/v1/status")
     async def status() -> dict:
         """What the worker is doing (behind the API key, unlike /health)."""
-        return {"model": model_id, "queued": worker.pending}
+        return {"model": model_id, "queued": worker.pending, "slots": worker.slots, "cells": worker.cells}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -359,8 +274,9 @@ def create_app(
 
     async def run_job(tokens: list[int], req: CommonRequest) -> tuple[Job, AsyncIterator[Chunk]]:
         ext, sampling = settings_for(req)
+        job = Job(tokens, ext, sampling, asyncio.get_running_loop(), asyncio.Queue())
         try:
-            plan_for(model, len(tokens) + sampling.max_tokens, ext, runtime)
+            worker.plan(job)
         except InputTooLongError as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except BadInputError as exc:
@@ -373,7 +289,6 @@ def create_app(
                 code="queue_full",
                 headers={"Retry-After": "1"},
             )
-        job = Job(tokens, ext, sampling, asyncio.get_running_loop(), asyncio.Queue())
         worker.submit(job)
         try:
             first = await _next_item(job)  # STARTED once the worker has a session for it, or an error

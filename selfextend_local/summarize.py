@@ -1,30 +1,31 @@
 """Batch summarisation of files into a resumable JSONL of records, one per file.
 
-Records are appended one whole line per ``write`` and synced, so an interrupt never leaves a broken line;
-a torn last line from a crash is cut off when the file is opened again. A file already summarised with
-the same content hash and settings is skipped. A file beyond the largest extendable length is summarised
-in parts, then the parts' summaries are summarised.
+A file already summarised with the same content hash and settings is skipped (:func:`plan_files`); each
+new record is appended to the log as soon as it is made (:mod:`selfextend_local.records`). A file beyond
+what one call holds is summarised in parts, then the parts' summaries are summarised.
+
+A summary is written as a sequence of calls to the model (:meth:`Summarizer.steps` yields each prompt and
+receives its reply), so the same logic runs one file at a time on a session of its own
+(:func:`run_sequential`), many files at once in one batched context (:func:`run_batched`), or on the
+workers of a Ray cluster (:mod:`selfextend_local.distributed`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import stat
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections import deque
+from collections.abc import Generator, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .documents import check_regular_file, read_document
-from .engine import open_session
-from .errors import BadInputError, InputTooLongError, SelfExtendError
-from .generate import generate
-from .memory import ContextTooLargeError, max_cells
+from .documents import read_document
+from .engine import open_session, plan_for
+from .errors import InputTooLongError, SelfExtendError
+from .generate import Chunk, generate
+from .memory import max_cells
 from .model import Model
 from .planning import default_window, max_input
+from .records import RecordLog, file_hash
 from .registry import family_for
 from .settings import ExtendSettings, RuntimeSettings, SamplingSettings
 
@@ -38,161 +39,31 @@ def check_prompt(template: str) -> None:
         raise SelfExtendError("--prompt must contain {text}, where the document goes")
 
 
-MAX_LOG_BYTES = 1 << 30
+@dataclass(frozen=True)
+class Reply:
+    """What a call to the model gave: the text, its last chunk (counts, finish) and the plan it ran with."""
+
+    text: str
+    last: Chunk
+    plan: str
 
 
-class LogInUse(SelfExtendError):
-    """Another process holds the record log."""
-
-
-def lock_file(path: Path, busy: str) -> int:
-    """Hold an exclusive lock on ``path`` (created if need be) until the returned descriptor is closed.
-
-    The lock goes with the process: a run that is killed leaves no stale lock behind.
-    """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise BadInputError(f"cannot write in {path.parent} ({exc.strerror or exc}); choose another --out") from None
-    try:
-        _lock_descriptor(fd)
-    except OSError:
-        os.close(fd)
-        raise LogInUse(f"{busy} (lock {path}); wait for it to finish or use another --out") from None
-    return fd
-
-
-def _lock_descriptor(fd: int) -> None:
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-    else:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-class RecordLog:
-    """A JSONL file of records; whole-line appends, repaired on open, rewritten only by rename.
-
-    One process at a time: an exclusive lock on ``PATH.lock`` is held from :meth:`open` to
-    :meth:`close`, so two runs on one log can neither duplicate nor delete each other's records.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = None
-        self.records: list[dict] = []
-
-    def open(self) -> RecordLog:
-        """Check that the log can be written, lock it, and read its records."""
-        self._check_writable()
-        self._lock = lock_file(Path(f"{self.path}.lock"), f"{self.path} is in use by another summarize run")
-        try:
-            self.records = self._load()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def close(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)  # closing the descriptor releases the lock
-            self._lock = None
-
-    def __enter__(self) -> RecordLog:
-        return self.open()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _check_writable(self) -> None:
-        folder = self.path.parent
-        if not folder.is_dir():
-            raise BadInputError(f"the folder of --out does not exist: {folder}")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise BadInputError(f"cannot write in {folder} (read-only); choose another --out")
-        if self.path.exists() or self.path.is_symlink():
-            check_regular_file(self.path, MAX_LOG_BYTES, "--out")
-            mode = self.path.stat().st_mode
-            if not os.access(self.path, os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
-                raise BadInputError(f"{self.path} is read-only; make it writable or choose another --out")
-
-    def _load(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        raw = self.path.read_bytes()
-        lines = raw.split(b"\n")
-        records, damaged = [], not raw.endswith(b"\n") and raw != b""
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:  # a torn line, or bytes that are not UTF-8
-                damaged = True
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                damaged = True
-        if damaged:
-            self._rewrite(records)
-        return records
-
-    def _rewrite(self, records: list[dict]) -> None:
-        """Replace the log by ``records``: a temporary file with the log's own mode, then a rename."""
-        mode = stat.S_IMODE(self.path.stat().st_mode) if self.path.exists() else 0o644
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def find(self, path: str) -> dict | None:
-        return next((r for r in self.records if r.get("path") == path), None)
-
-    def failed(self, paths: list[str]) -> list[dict]:
-        """The error records among ``paths``: failures of this run and of earlier ones not retried."""
-        wanted = set(paths)
-        return [r for r in self.records if r.get("path") in wanted and r.get("error")]
-
-    def drop(self, paths: set[str]) -> None:
-        """Remove the records of ``paths`` (stale or to be retried), atomically."""
-        kept = [r for r in self.records if r.get("path") not in paths]
-        if len(kept) != len(self.records):
-            self.records = kept
-            self._rewrite(kept)
-
-    def append(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.records.append(record)
+Steps = Generator[list[int], Reply, dict]
 
 
 @dataclass(frozen=True)
 class Summarizer:
-    """Everything that decides a summary; ``signature`` is what a record must match to be reused."""
+    """Everything that decides a summary; ``signature`` is what a record must match to be reused.
+
+    ``cells`` caps one call (the slots of a batched context); None: memory and --ctx decide.
+    """
 
     model: Model
     extend: ExtendSettings
     runtime: RuntimeSettings
     sampling: SamplingSettings
     prompt: str = DEFAULT_PROMPT
+    cells: int | None = None
 
     def signature(self) -> dict:
         return {
@@ -213,42 +84,46 @@ class Summarizer:
             return self.model.chat_tokens([{"role": "user", "content": content}])
         return self.model.tokenize(content)
 
-    def _reach(self) -> int:
-        """Tokens one summary call may hold: these settings' reach (or G=16's), within --ctx and memory."""
+    def reach(self) -> int:
+        """Tokens one call may hold: these settings' reach (or G=16's), within --ctx, the slots and memory."""
         L = self.model.info.n_ctx_train
         family = family_for(self.model.info)
         window = self.extend.window or (family.window if family else default_window(L))
         limits = [max_input(L, self.extend.group or PART_GROUP, window)]
-        limits.append(self.runtime.ctx or limits[0])
+        limits += [c for c in (self.runtime.ctx, self.cells) if c]
         fits = max_cells(self.model.info, self.runtime.kv_type, self.runtime.gpu_layers > 0)
-        limits.append(fits if fits is not None else limits[0])
-        return min(limits)
+        return min(limits + ([fits] if fits is not None else []))
 
-    def summarize_text(self, text: str, template: str | None = None) -> dict:
-        """Summary and counts for ``text``; too long for one call, it goes in parts."""
-        template = template or self.prompt
-        tokens = self._tokens(template, text)
+    def _one_call(self, n_tokens: int) -> bool:
         n_new = self.sampling.max_tokens
+        if n_tokens + n_new > self.reach():
+            return False
+        runtime = self.runtime if self.cells is None else _with_ctx(self.runtime, self.cells)
         try:
-            if len(tokens) + n_new > self._reach():
-                raise InputTooLongError("beyond one call")
-            with open_session(self.model, len(tokens) + n_new, self.extend, self.runtime, generate=n_new) as s:
-                summary, last = generate(s, tokens, self.sampling)
-                plan = s.plan.describe()
-        except (InputTooLongError, ContextTooLargeError):
-            return self._in_parts(text, len(tokens))
+            plan_for(self.model, n_tokens + n_new, self.extend, runtime, generate=n_new)
+        except InputTooLongError:
+            return False
+        return True
+
+    def steps(self, text: str, template: str | None = None) -> Steps:
+        """The calls that summarise ``text``: yields each prompt, receives its :class:`Reply`, returns the
+        record's fields. Too long for one call, it goes in parts."""
+        tokens = self._tokens(template or self.prompt, text)
+        if not self._one_call(len(tokens)):
+            return (yield from self._in_parts(text, len(tokens)))
+        reply = yield tokens
         return {
-            "summary": summary.strip(),
+            "summary": reply.text.strip(),
             "prompt_tokens": len(tokens),
-            "summary_tokens": last.generated_tokens,
+            "summary_tokens": reply.last.generated_tokens,
             "method": "direct",
             "parts": 1,
-            "plan": plan,
+            "plan": reply.plan,
         }
 
-    def _in_parts(self, text: str, n_tokens: int) -> dict:
+    def _in_parts(self, text: str, n_tokens: int) -> Steps:
         overhead = len(self._tokens(self.prompt, "")) + self.sampling.max_tokens
-        reach = self._reach()
+        reach = self.reach()
         if 4 * overhead > reach:  # parts' summaries would not be shorter than the parts
             raise InputTooLongError(
                 f"the document has {n_tokens} tokens and one call holds {reach}: too few for parts with "
@@ -257,34 +132,45 @@ class Summarizer:
         size = reach - overhead - 64
         doc = self.model.tokenize(text, add_special=False)
         pieces = [self.model.detokenize(doc[i : i + size]) for i in range(0, len(doc), size)]
-        parts = [self.summarize_text(p)["summary"] for p in pieces]
+        parts = []
+        for piece in pieces:
+            parts.append((yield from self.steps(piece))["summary"])
         joined = "\n\n".join(f"Part {i + 1}: {s}" for i, s in enumerate(parts))
-        combined = self.summarize_text(joined, COMBINE_PROMPT)
+        combined = yield from self.steps(joined, COMBINE_PROMPT)
         return {**combined, "prompt_tokens": n_tokens, "method": "parts", "parts": len(pieces)}
 
+    def call(self, tokens: list[int]) -> Reply:
+        """One call on a session of its own, sized for it."""
+        n_new = self.sampling.max_tokens
+        with open_session(self.model, len(tokens) + n_new, self.extend, self.runtime, generate=n_new) as session:
+            text, last = generate(session, tokens, self.sampling)
+            return Reply(text, last, session.plan.describe())
 
-def file_hash(path: Path) -> str | None:
-    """SHA-256 of a regular file's bytes, or None for anything that cannot be summarised (then reading
-    it gives the error record its message)."""
-    try:
-        check_regular_file(path, 1 << 40)
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-    except (OSError, SelfExtendError):
-        return None
+    def summarize_text(self, text: str, template: str | None = None) -> dict:
+        """The record's fields for ``text``, one call after another."""
+        steps = self.steps(text, template)
+        try:
+            prompt = next(steps)
+            while True:
+                prompt = steps.send(self.call(prompt))
+        except StopIteration as done:
+            return done.value
 
 
-def summarize_files(
-    summarizer: Summarizer,
-    files: list[Path],
-    log: RecordLog,
-    retry_failed: bool = False,
-    on_start: Callable[[Path], None] | None = None,
-) -> Iterator[dict]:
-    """Summarise each file not already done with the same hash and settings; yield each new record."""
+def _with_ctx(runtime: RuntimeSettings, ctx: int) -> RuntimeSettings:
+    return RuntimeSettings(
+        ctx=ctx, threads=runtime.threads, gpu_layers=runtime.gpu_layers, batch=runtime.batch, kv_type=runtime.kv_type
+    )
+
+
+# -- which files, and the records ------------------------------------------------------------------
+
+
+def plan_files(
+    summarizer: Summarizer, files: list[Path], log: RecordLog, retry_failed: bool = False
+) -> list[tuple[Path, str | None]]:
+    """The files to summarise, with their hashes: those without a record of the same content and settings
+    (and, with ``retry_failed``, those whose record is an error). Stale records are dropped from the log."""
     signature = summarizer.signature()
     todo, stale = [], set()
     for path in files:
@@ -297,16 +183,122 @@ def summarize_files(
             stale.add(key)
         todo.append((path, digest))
     log.drop(stale)
+    return todo
+
+
+def new_record(path: Path, digest: str | None, signature: dict) -> dict:
+    return {"path": str(path), "sha256": digest, "settings": signature}
+
+
+def finish_record(record: dict, fields: dict | None, error: str | None, seconds: float) -> dict:
+    record.update(fields or {"summary": None})
+    record["error"] = error
+    record["seconds"] = round(seconds, 3)
+    return record
+
+
+def run_sequential(summarizer: Summarizer, todo: list[tuple[Path, str | None]]) -> Iterator[dict]:
+    """One file after another, each call on a session of its own; yields each record."""
+    signature = summarizer.signature()
     for path, digest in todo:
-        if on_start:
-            on_start(path)
         start = time.perf_counter()
-        record = {"path": str(path), "sha256": digest, "settings": signature}
+        record = new_record(path, digest, signature)
         try:
-            record.update(summarizer.summarize_text(read_document(path)))
-            record["error"] = None
+            fields = summarizer.summarize_text(read_document(path))
+            yield finish_record(record, fields, None, time.perf_counter() - start)
         except SelfExtendError as exc:
-            record.update({"summary": None, "error": str(exc)})
-        record["seconds"] = round(time.perf_counter() - start, 3)
+            yield finish_record(record, None, str(exc), time.perf_counter() - start)
+
+
+@dataclass(eq=False)
+class _Task:
+    """A file in flight in the batched run: its steps, and the reply being collected."""
+
+    record: dict
+    steps: Steps
+    start: float
+    parts: list[str] = field(default_factory=list)
+    last: Chunk | None = None
+    error: str | None = None
+    plan: str = ""
+
+
+def run_batched(summarizer: Summarizer, todo: list[tuple[Path, str | None]], engine) -> Iterator[dict]:
+    """Many files at once: every call is a request to ``engine`` (a BatchEngine); a file holds one slot at
+    a time. Yields each record as its file completes (completion order)."""
+    from .batching import Request
+
+    summarizer = Summarizer(
+        summarizer.model, summarizer.extend, summarizer.runtime, summarizer.sampling, summarizer.prompt, engine.cells
+    )
+    signature = summarizer.signature()
+    waiting = deque(todo)
+    running: list[_Task] = []
+
+    def submit(task: _Task, prompt: list[int]) -> None:
+        task.parts, task.last = [], None
+        task.plan = engine.plan(Request(prompt, summarizer.sampling, summarizer.extend)).describe()
+
+        def on_chunk(chunk: Chunk) -> None:
+            task.parts.append(chunk.text)
+            if chunk.finish_reason is not None:
+                task.last = chunk
+
+        def on_error(exc: Exception) -> None:
+            task.error = str(exc)
+
+        engine.add(Request(prompt, summarizer.sampling, summarizer.extend, on_chunk, on_error))
+
+    def advance(task: _Task, reply: Reply | None) -> dict | None:
+        """Feed the reply to the task's steps: submit its next call, or return its finished record."""
+        try:
+            prompt = next(task.steps) if reply is None else task.steps.send(reply)
+            submit(task, prompt)
+            return None
+        except StopIteration as done:
+            return finish_record(task.record, done.value, None, time.perf_counter() - task.start)
+        except SelfExtendError as exc:
+            return finish_record(task.record, None, str(exc), time.perf_counter() - task.start)
+
+    while waiting or running:
+        while waiting and engine.free:
+            path, digest = waiting.popleft()
+            task = _Task(new_record(path, digest, signature), iter(()), time.perf_counter())
+            try:
+                task.steps = summarizer.steps(read_document(path))
+            except SelfExtendError as exc:
+                yield finish_record(task.record, None, str(exc), 0.0)
+                continue
+            if (record := advance(task, None)) is not None:
+                yield record
+            else:
+                running.append(task)
+        engine.step()
+        for task in [t for t in running if t.last is not None or t.error]:
+            if task.error:
+                running.remove(task)
+                yield finish_record(task.record, None, task.error, time.perf_counter() - task.start)
+                continue
+            reply = Reply("".join(task.parts), task.last, task.plan)
+            if (record := advance(task, reply)) is not None:
+                running.remove(task)
+                yield record
+
+
+def run(summarizer: Summarizer, todo: list[tuple[Path, str | None]], engine=None) -> Iterator[dict]:
+    """The records of ``todo``: together in ``engine``'s slots (a BatchEngine), else one file at a time."""
+    return run_batched(summarizer, todo, engine) if engine is not None else run_sequential(summarizer, todo)
+
+
+def summarize_files(
+    summarizer: Summarizer,
+    files: list[Path],
+    log: RecordLog,
+    retry_failed: bool = False,
+    engine=None,
+) -> Iterator[dict]:
+    """Summarise each file not already done with the same hash and settings; append and yield each new
+    record."""
+    for record in run(summarizer, plan_files(summarizer, files, log, retry_failed), engine):
         log.append(record)
         yield record

@@ -112,25 +112,15 @@ def test_special_tokens_in_a_message_stay_text(keyed_server):
     assert counts[1] > counts[0] + 8  # each <|im_...|> is several text tokens, not one control token
 
 
-def test_an_error_before_generation_is_a_status_not_a_stream(model):
-    """A request the worker cannot start (here: a context far beyond memory) is refused before any byte of
-    the stream, so a client sees a 4xx, not a 200 with an error event."""
-    import asyncio
-
-    from selfextend_local.server import create_app
-    from selfextend_local.settings import RuntimeSettings
-
-    app = create_app(model, RuntimeSettings(ctx=1 << 24))
-
-    async def ask():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-            body = {"prompt": "Hi", "max_tokens": 4, "stream": True}
-            return await client.post("/v1/completions", json=body, timeout=60)
-
-    reply = asyncio.run(ask())
-    app.state.worker.stop()
-    assert reply.status_code == 400 and "KV cache" in reply.json()["error"]["message"]
+@pytest.mark.parametrize(
+    ("setting", "fragment"),
+    [({"group": 3, "window": 100}, "not a multiple"), ({"window": 9000}, "smaller than the training context")],
+)
+def test_a_bad_setting_in_a_stream_is_a_400_before_the_stream(open_server, setting, fragment):
+    body = {"prompt": "Hi", "max_tokens": 4, "stream": True, "selfextend": setting}
+    reply = post(open_server, "/v1/completions", json.dumps(body))
+    assert reply.status_code == 400 and reply.headers["content-type"].startswith("application/json")
+    assert fragment in reply.json()["error"]["message"] and reply.json()["error"]["param"] == "selfextend"
 
 
 def test_sigterm_stops_a_busy_server_promptly():

@@ -42,6 +42,9 @@ def _answer(qa, question: str) -> None:
     last = render_stream(lambda progress, stop: qa.ask(question, progress, stop), "reading document")
     if last is not None:
         note(stats_line(last, qa.session.plan.describe()))
+    if qa.cache_warning:
+        log(f"warning: {qa.cache_warning}")
+        qa.cache_warning = None
 
 
 @click.command()
@@ -93,8 +96,6 @@ def qa(
         n_doc = len(doc.doc_tokens)
         how = "restored from the cache" if source == "cache" else f"ingested at {n_doc / max(seconds, 1e-9):,.0f} tok/s"
         log(f"document: {n_doc:,} tokens ({how} in {seconds:.1f} s)")
-        if doc.cache_warning:
-            log(f"warning: {doc.cache_warning}; answering without it")
         for i, q in enumerate(questions):
             if len(questions) > 1:
                 click.echo(f"{'' if i == 0 else chr(10)}Q: {q}")
@@ -112,6 +113,8 @@ def qa(
                     break
                 if line:
                     _answer(doc, line)
+    if doc.cache_warning:  # written when the document was closed
+        log(f"warning: {doc.cache_warning}")
 
 
 @click.command()
@@ -130,18 +133,28 @@ def qa(
     help="Instructions with {text} where the document goes. Default: a few-sentence summary.",
 )
 @click.option("--retry-failed", is_flag=True, help="Summarise again the files whose record is an error.")
+@click.option(
+    "--parallel",
+    "-p",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Files summarised at once, decoded together in one context.",
+)
 @model_option
 @runtime_options
 @extend_options
 @sampling_options
 @log_options
-def summarize(files, out, prompt_template, retry_failed, model, runtime, extend, sampling, verbose) -> None:
+def summarize(files, out, prompt_template, retry_failed, parallel, model, runtime, extend, sampling, verbose) -> None:
     """Summarise FILES into one JSONL record each (path, hash, settings, summary, tokens, seconds, error).
 
     Resumable: files already summarised with the same content and settings are skipped. A file that fails
-    gets an error record and the run goes on; the exit code is 1 when any file failed.
+    gets an error record and the run goes on; the exit code is 1 when any file has an error record. With
+    --parallel N, N files are in flight at once and records are written as each completes.
     """
-    from ..summarize import DEFAULT_PROMPT, RecordLog, Summarizer, check_prompt, summarize_files
+    from ..records import RecordLog
+    from ..summarize import DEFAULT_PROMPT, Summarizer, check_prompt, plan_files, run
 
     template = prompt_template or DEFAULT_PROMPT
     check_prompt(template)
@@ -149,19 +162,48 @@ def summarize(files, out, prompt_template, retry_failed, model, runtime, extend,
     with RecordLog(out) as record_log:
         llm = load_for_cli(model, runtime, verbose)
         summarizer = Summarizer(llm, extend, runtime, sampling, template)
-        failed = done = 0
-        with click.progressbar(length=len(files), label="summarising", file=sys.stderr, show_pos=True) as bar:
-            skipped = len(files)
-            for record in summarize_files(summarizer, list(files), record_log, retry_failed):
-                skipped -= 1
-                done += 1
-                failed += bool(record["error"])
-                bar.update(1)
-                if record["error"]:
-                    log(f"\n{record['path']}: {record['error']}")
-            bar.update(skipped)
-        earlier = len(record_log.failed([str(f) for f in files])) - failed
-    log(f"{done} summarised ({failed} failed), {skipped} already done; records in {out}")
+        todo = plan_files(summarizer, list(files), record_log, retry_failed)
+        with _engine_for(llm, runtime, extend, sampling, parallel, [path for path, _ in todo]) as engine:
+            _report(run(summarizer, todo, engine), record_log, files, len(todo), out)
+
+
+def _engine_for(llm, runtime, extend, sampling, parallel: int, files):
+    """A batch engine of ``parallel`` slots sized for the largest file, or nothing for one at a time."""
+    from contextlib import nullcontext
+
+    if parallel == 1 or not files:
+        return nullcontext(None)
+    from .. import capacity
+    from ..batching import BatchEngine
+    from ..planning import CTX_ALIGN
+
+    largest = max((f.stat().st_size for f in files if f.is_file()), default=0)
+    need = -(-(largest + 512 + sampling.max_tokens) // CTX_ALIGN) * CTX_ALIGN  # a token is at least a byte
+    chosen = capacity.choose(llm, runtime, extend, parallel)
+    cells = min(chosen.cells, need) if not runtime.ctx else chosen.cells
+    engine = BatchEngine(llm, chosen.slots, cells, runtime)
+    note(f"batched: {chosen.slots} slots of {engine.cells:,} cells")
+    return engine
+
+
+def _report(records, record_log, files, total: int, out: Path) -> None:
+    """Append each record as it comes, with progress over the files; exit 1 while error records remain."""
+    progress = IngestProgress("summarising", unit="files", rate_unit="files/min", per_minute=True)
+    failed = done = 0
+    start = time.perf_counter()
+    for record in records:
+        record_log.append(record)
+        done += 1
+        failed += bool(record["error"])
+        if record["error"]:
+            log(f"{record['path']}: {record['error']}")
+        progress(done, total)
+    progress.close()
+    skipped = len(files) - done
+    minutes = (time.perf_counter() - start) / 60
+    rate = f" in {minutes * 60:.1f} s ({done / minutes:.1f} files/min)" if done and minutes > 0 else ""
+    earlier = len(record_log.failed([str(f) for f in files])) - failed
+    log(f"{done} summarised ({failed} failed){rate}, {skipped} already done; records in {out}")
     if earlier:
         log(f"{earlier} files failed in an earlier run and still have error records; --retry-failed tries them again")
     if failed or earlier:

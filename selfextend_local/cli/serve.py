@@ -76,30 +76,43 @@ def url_for(host: str, port: int) -> str:
     type=click.IntRange(1, 1 << 20),
     help="Largest max_tokens a request may ask for.",
 )
+@click.option(
+    "--parallel",
+    "-p",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Requests decoded together (slots). Default: 4, or fewer if half the available memory cannot hold them.",
+)
 @model_option
 @runtime_options
 @extend_options
 @log_options
-def serve(host, port, api_key, queue_size, max_body, max_tokens_limit, model, runtime, extend, verbose) -> None:
+def serve(
+    host, port, api_key, queue_size, max_body, max_tokens_limit, parallel, model, runtime, extend, verbose
+) -> None:
     """Serve the model over an OpenAI-compatible API with SelfExtend.
 
     Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health. Settings are
     planned per request unless -g/-w are given; a request may pass its own in the extra body field
-    "selfextend": {"group": G, "window": W, "schedule": "neighbor"}.
+    "selfextend": {"group": G, "window": W, "schedule": "neighbor"}. Up to --parallel requests are decoded
+    together, each in a slot of --ctx cells (default: what the model family's setting reaches).
     """
     import uvicorn
 
+    from .. import capacity
     from ..server import ServerLimits, create_app, loopback_names
 
     api_key = api_key or os.environ.get(API_KEY_ENV)
     llm = load_for_cli(model, runtime, verbose)
-    limits = ServerLimits(queue_size, int(max_body * (1 << 20)), max_tokens_limit)
+    chosen = capacity.choose(llm, runtime, extend, parallel)
+    limits = ServerLimits(queue_size, int(max_body * (1 << 20)), max_tokens_limit, chosen.slots, chosen.cells)
     sock = _bind(host, port)
     port = sock.getsockname()[1]
     if not _is_loopback(host) and not api_key:
         log(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
     hosts = loopback_names(host) if _is_loopback(host) else None
     app = create_app(llm, runtime, extend, api_key, limits, allowed_hosts=hosts)
+    log(f"allocated {chosen.describe()}")
     log(f"serving {llm.path.name} on {url_for(host, port)}/v1 (queue {queue_size}, auth {'on' if api_key else 'off'})")
     # A stop (Ctrl-C, SIGTERM) waits this long for open streams, then cancels them and frees the worker.
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", timeout_graceful_shutdown=3)
