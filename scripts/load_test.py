@@ -1,11 +1,13 @@
 """Load test of `selfextend-local serve` on loopback, and the server's decode speed beside the engine's.
 
-Starts a server (unless --url) on 127.0.0.1, runs K concurrent streaming clients for a fixed time, and
-prints requests/s, tokens/s and latency percentiles (time to first token and total). Then, in the same
-run, it streams one request at a time through the server and through the engine in this process, same
-prompt and settings, and prints both decode speeds and their ratio (best of --repeats, alternating).
+For each --parallel value it starts a server (`serve --parallel N`) on 127.0.0.1 and, for each --clients
+value, runs that many concurrent streaming clients for a fixed time: requests/s, generated tokens/s and
+percentiles of time to first token and of latency, all in one run, then a table side by side. With
+--single, it also streams one request at a time through the server and through the engine in this
+process, same prompt and settings, and prints both decode speeds (best of --repeats, alternating).
 
-    python scripts/load_test.py --clients 4 --seconds 30
+    python scripts/load_test.py --clients 4,8 --parallel 1,4 --seconds 30
+    python scripts/load_test.py --url http://127.0.0.1:8080 --clients 4
 """
 
 from __future__ import annotations
@@ -78,15 +80,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
 
 
-def load(url: str, clients: int, seconds: float, max_tokens: int) -> None:
+def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
     def client_loop(i: int) -> None:
         with httpx.Client() as client:
+            n = 0
             while time.perf_counter() < stop_at:
-                r = stream_once(client, url, max_tokens, f"{PROMPT} (variant {i})")
+                r = stream_once(client, url, max_tokens, f"{PROMPT} (variant {i}.{n})")
+                n += 1
                 with lock:
                     results.append(r)
 
@@ -101,13 +105,27 @@ def load(url: str, clients: int, seconds: float, max_tokens: int) -> None:
     tokens = sum(len(r["times"]) for r in ok)
     ttft = [r["times"][0] - r["start"] for r in ok]
     total = [r["end"] - r["start"] for r in ok]
-    print(f"load: {clients} clients for {seconds:.0f} s, max_tokens {max_tokens}")
-    print(f"  requests {len(results)} ({len(ok)} ok, {len(results) - len(ok)} refused or failed) in {wall:.1f} s")
-    print(f"  {len(ok) / wall:.2f} requests/s, {tokens / wall:.1f} generated tokens/s")
-    for name, values in (("time to first token", ttft), ("latency", total)):
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "ok": len(ok),
+        "wall": wall,
+        "rps": len(ok) / wall,
+        "tps": tokens / wall,
+        "ttft": [percentile(ttft, q) for q in (50, 99)],
+        "latency": [percentile(total, q) for q in (50, 99)],
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        f"\n{'parallel':>8} {'clients':>7} {'requests':>8} {'req/s':>6} {'gen tok/s':>9} "
+        f"{'TTFT p50':>8} {'TTFT p99':>8} {'lat p50':>8} {'lat p99':>8}"
+    )
+    for r in rows:
         print(
-            f"  {name:20s} p50 {percentile(values, 50):6.2f} s  p90 {percentile(values, 90):6.2f} s  "
-            f"p99 {percentile(values, 99):6.2f} s"
+            f"{r['parallel']:>8} {r['clients']:>7} {r['ok']:>4}/{r['requests']:<3} {r['rps']:6.2f} {r['tps']:9.1f} "
+            f"{r['ttft'][0]:7.2f}s {r['ttft'][1]:7.2f}s {r['latency'][0]:7.2f}s {r['latency'][1]:7.2f}s"
         )
 
 
@@ -149,25 +167,48 @@ def single_request_comparison(url: str, max_tokens: int, repeats: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=None, help="an already running server on loopback (else one is started)")
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", default="4", help="comma-separated client counts, e.g. 4,8")
+    parser.add_argument("--parallel", default="1", help="comma-separated `serve --parallel` values, e.g. 1,4")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--model", default=None, help="passed to serve --model (default: the bundled model)")
+    parser.add_argument("--single", action="store_true", help="also compare one request: server vs engine")
     parser.add_argument("--single-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.url and not args.url.startswith(("http://127.", "http://localhost")):
         raise SystemExit("load tests run against loopback only")
-    proc = None
-    url = args.url
-    if url is None:
-        proc, url = start_server([])
-    try:
-        load(url, args.clients, args.seconds, args.max_tokens)
-        single_request_comparison(url, args.single_tokens, args.repeats)
-    finally:
-        if proc:
-            proc.terminate()
-            proc.wait()
+    clients = [int(c) for c in args.clients.split(",")]
+    parallels = [int(p) for p in args.parallel.split(",")] if not args.url else ["?"]
+    rows = []
+    for parallel in parallels:
+        proc, url = (None, args.url)
+        if url is None:
+            extra = ["--parallel", str(parallel)] + (["--model", args.model] if args.model else [])
+            proc, url = start_server(extra)
+        try:
+            for n in clients:
+                row = {"parallel": parallel, **load(url, n, args.seconds, args.max_tokens)}
+                print(f"parallel {parallel}, {n} clients: {row['tps']:.1f} generated tok/s", file=sys.stderr)
+                rows.append(row)
+            if args.single:
+                single_request_comparison(url, args.single_tokens, args.repeats)
+        finally:
+            if proc:
+                proc.terminate()
+                proc.wait()
+    print(f"{args.seconds:.0f} s per cell, max_tokens {args.max_tokens}, greedy; model {args.model or 'bundled'}")
+    print_table(rows)
+    by = {(r["parallel"], r["clients"]): r for r in rows}
+    for n in clients:
+        base = by.get((1, n))
+        for p in parallels:
+            if p != 1 and base and (p, n) in by:
+                r = by[(p, n)]
+                print(
+                    f"{n} clients: --parallel {p} / --parallel 1: generated tok/s x{r['tps'] / base['tps']:.2f}, "
+                    f"TTFT p99 {r['ttft'][1]:.2f} s vs {base['ttft'][1]:.2f} s"
+                )
     return 0
 
 

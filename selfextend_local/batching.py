@@ -8,6 +8,10 @@ Each request samples with its own settings (temperature, seed, stops) and stream
 
 A slot keeps its cells after its request ends, so a later request that starts with the same tokens (a
 growing chat, the same document with a new question) reuses them, as a single session does.
+
+Make and step an engine on one thread: llama.cpp's CPU threads belong to the thread that first decodes,
+and a second set idling beside them (the engine made on one thread, stepped on another) halved the decode
+speed on two cores.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class BatchEngine:
             self.context.divider("auto")  # the probe needs an empty sequence 0: now, before any request
         self.slots = [Slot(i) for i in range(n_slots)]
         self.steps = 0
+        self._cells = self.context.cells  # read once: plan() may be called from another thread
 
     def close(self) -> None:
         for slot in self.slots:
@@ -99,7 +104,7 @@ class BatchEngine:
 
     @property
     def cells(self) -> int:
-        return self.context.cells
+        return self._cells
 
     @property
     def free(self) -> int:

@@ -38,16 +38,22 @@ class Worker:
     """Owns the batch engine; one thread runs it."""
 
     def __init__(self, model: Model, runtime: RuntimeSettings, slots: int, cells: int, queue_size: int) -> None:
-        self.engine = BatchEngine(model, slots, cells, runtime)
         self.slots = slots
-        self.cells = self.engine.cells
         self.queue_size = queue_size
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.pending = 0  # running and waiting
         self.running: set[Job] = set()
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="selfextend-engine", daemon=True)
+        self.engine: BatchEngine | None = None
+        ready: queue.Queue[Exception | None] = queue.Queue()
+        self.thread = threading.Thread(
+            target=self._run, args=(model, runtime, slots, cells, ready), name="selfextend-engine", daemon=True
+        )
         self.thread.start()
+        if (error := ready.get()) is not None:  # e.g. a context beyond the machine's memory
+            self.thread.join()
+            raise error
+        self.cells = self.engine.cells
 
     def plan(self, job: Job) -> Plan:
         """The plan the job will get, computed here (pure), so a bad request is refused before it waits."""
@@ -74,10 +80,22 @@ class Worker:
         self._cancel_running()
         self.jobs.put(None)
         self.thread.join(timeout=10)
-        if not self.thread.is_alive():
+
+    def _run(self, model: Model, runtime: RuntimeSettings, slots: int, cells: int, ready: queue.Queue) -> None:
+        # The context is made on the thread that decodes with it: llama.cpp's CPU threads (an OpenMP team)
+        # belong to the calling thread, and a second team idling beside the first halves decode speed.
+        try:
+            self.engine = BatchEngine(model, slots, cells, runtime)
+        except Exception as exc:
+            ready.put(exc)
+            return
+        ready.put(None)
+        try:
+            self._serve()
+        finally:
             self.engine.close()
 
-    def _run(self) -> None:
+    def _serve(self) -> None:
         running = True
         while running or self.engine.active:
             if running:
