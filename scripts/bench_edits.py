@@ -47,7 +47,7 @@ def make_context(model, n_cells: int, n_seqs: int, threads: int):
     params.n_seq_max = n_seqs
     params.kv_unified = True  # one stream of n_cells: every edit scans all of them
     params.n_threads = params.n_threads_batch = threads
-    ctx = llama_cpp.llama_init_from_model(model.handle, params)
+    ctx = llama_cpp.llama_init_from_model(model.handle, params)  # offloads the KV cache with the layers
     if not ctx:
         raise SystemExit("could not create the context")
     return ctx
@@ -134,11 +134,12 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3, help="replays per method, alternating; fastest kept")
+    parser.add_argument("--gpu-layers", type=int, default=0, help="offload the model (the fill runs there)")
     parser.add_argument("--plain-tps", type=float, default=38711, help="plain ingestion tokens/s for the projection")
     parser.add_argument("--measured-edit-seconds", type=float, nargs=2, default=(0.7, 1.1))
     args = parser.parse_args()
 
-    runtime = RuntimeSettings()
+    runtime = RuntimeSettings(gpu_layers=args.gpu_layers)
     model = load_model(None, runtime)
     with Session(model, Plan(4, 64, "neighbor", "auto", 256, model.info.n_ctx_train, "probe"), runtime) as s:
         verdict = probe(s)

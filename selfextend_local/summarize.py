@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,24 @@ class Reply:
 
 
 Steps = Generator[list[int], Reply, dict]
+Reader = Callable[[Path], str]
+
+
+def make_signature(
+    model_name: str, model_size: int, extend: ExtendSettings, sampling: SamplingSettings, prompt: str
+) -> dict:
+    """What decides a summary: a record with the same signature (and content hash) is not redone."""
+    return {
+        "model": model_name,
+        "model_size": model_size,
+        **{f"extend_{k}": v for k, v in asdict(extend).items()},
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "seed": sampling.seed,
+        "max_tokens": sampling.max_tokens,
+        "prompt": prompt,
+    }
 
 
 @dataclass(frozen=True)
@@ -66,17 +84,7 @@ class Summarizer:
     cells: int | None = None
 
     def signature(self) -> dict:
-        return {
-            "model": self.model.path.name,
-            "model_size": self.model.info.size_bytes,
-            **{f"extend_{k}": v for k, v in asdict(self.extend).items()},
-            "temperature": self.sampling.temperature,
-            "top_k": self.sampling.top_k,
-            "top_p": self.sampling.top_p,
-            "seed": self.sampling.seed,
-            "max_tokens": self.sampling.max_tokens,
-            "prompt": self.prompt,
-        }
+        return make_signature(self.model.path.name, self.model.info.size_bytes, self.extend, self.sampling, self.prompt)
 
     def _tokens(self, template: str, text: str) -> list[int]:
         content = template.replace("{text}", text)
@@ -167,11 +175,11 @@ def _with_ctx(runtime: RuntimeSettings, ctx: int) -> RuntimeSettings:
 
 
 def plan_files(
-    summarizer: Summarizer, files: list[Path], log: RecordLog, retry_failed: bool = False
+    signature: dict, files: list[Path], log: RecordLog, retry_failed: bool = False
 ) -> list[tuple[Path, str | None]]:
     """The files to summarise, with their hashes: those without a record of the same content and settings
-    (and, with ``retry_failed``, those whose record is an error). Stale records are dropped from the log."""
-    signature = summarizer.signature()
+    (``signature``; and, with ``retry_failed``, those whose record is an error). Stale records are dropped
+    from the log."""
     todo, stale = [], set()
     for path in files:
         key, digest = str(path), file_hash(path)
@@ -197,14 +205,17 @@ def finish_record(record: dict, fields: dict | None, error: str | None, seconds:
     return record
 
 
-def run_sequential(summarizer: Summarizer, todo: list[tuple[Path, str | None]]) -> Iterator[dict]:
-    """One file after another, each call on a session of its own; yields each record."""
+def run_sequential(
+    summarizer: Summarizer, todo: list[tuple[Path, str | None]], reader: Reader = read_document
+) -> Iterator[dict]:
+    """One file after another, each call on a session of its own; yields each record. ``reader`` gives a
+    file's text (default: read it here)."""
     signature = summarizer.signature()
     for path, digest in todo:
         start = time.perf_counter()
         record = new_record(path, digest, signature)
         try:
-            fields = summarizer.summarize_text(read_document(path))
+            fields = summarizer.summarize_text(reader(path))
             yield finish_record(record, fields, None, time.perf_counter() - start)
         except SelfExtendError as exc:
             yield finish_record(record, None, str(exc), time.perf_counter() - start)
@@ -223,7 +234,9 @@ class _Task:
     plan: str = ""
 
 
-def run_batched(summarizer: Summarizer, todo: list[tuple[Path, str | None]], engine) -> Iterator[dict]:
+def run_batched(
+    summarizer: Summarizer, todo: list[tuple[Path, str | None]], engine, reader: Reader = read_document
+) -> Iterator[dict]:
     """Many files at once: every call is a request to ``engine`` (a BatchEngine); a file holds one slot at
     a time. Yields each record as its file completes (completion order)."""
     from .batching import Request
@@ -265,7 +278,7 @@ def run_batched(summarizer: Summarizer, todo: list[tuple[Path, str | None]], eng
             path, digest = waiting.popleft()
             task = _Task(new_record(path, digest, signature), iter(()), time.perf_counter())
             try:
-                task.steps = summarizer.steps(read_document(path))
+                task.steps = summarizer.steps(reader(path))
             except SelfExtendError as exc:
                 yield finish_record(task.record, None, str(exc), 0.0)
                 continue
@@ -285,9 +298,13 @@ def run_batched(summarizer: Summarizer, todo: list[tuple[Path, str | None]], eng
                 yield record
 
 
-def run(summarizer: Summarizer, todo: list[tuple[Path, str | None]], engine=None) -> Iterator[dict]:
+def run(
+    summarizer: Summarizer, todo: list[tuple[Path, str | None]], engine=None, reader: Reader = read_document
+) -> Iterator[dict]:
     """The records of ``todo``: together in ``engine``'s slots (a BatchEngine), else one file at a time."""
-    return run_batched(summarizer, todo, engine) if engine is not None else run_sequential(summarizer, todo)
+    if engine is not None:
+        return run_batched(summarizer, todo, engine, reader)
+    return run_sequential(summarizer, todo, reader)
 
 
 def summarize_files(
@@ -299,6 +316,6 @@ def summarize_files(
 ) -> Iterator[dict]:
     """Summarise each file not already done with the same hash and settings; append and yield each new
     record."""
-    for record in run(summarizer, plan_files(summarizer, files, log, retry_failed), engine):
+    for record in run(summarizer, plan_files(summarizer.signature(), files, log, retry_failed), engine):
         log.append(record)
         yield record

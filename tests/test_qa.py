@@ -150,6 +150,7 @@ def test_qa_answers_when_the_cache_cannot_be_written(tmp_path):
     assert f"Q: {Q2}" in result.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_sharing_a_cache_both_answer(tmp_path):
     """Each run's eviction (the limit holds about one entry) must not break the other's write or read."""
     import subprocess

@@ -50,7 +50,7 @@ def stop_server(proc) -> None:
         proc.kill()
 
 
-@pytest.fixture(scope="module", params=[1, 4], ids=["parallel1", "parallel4"])
+@pytest.fixture(scope="module", params=[1, pytest.param(4, marks=pytest.mark.slow)], ids=["parallel1", "parallel4"])
 def server(request):
     """The same tests against one slot and against four decoded together."""
     proc, url = start_server("--api-key", KEY, "--queue-size", "2", "--parallel", str(request.param))

@@ -140,7 +140,7 @@ def test_sigterm_stops_a_busy_server_promptly():
     clients = [threading.Thread(target=long_stream) for _ in range(3)]  # one generating, two waiting
     for c in clients:
         c.start()
-    time.sleep(3)
+    time.sleep(2)
     start = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)

@@ -38,7 +38,7 @@ def run(*args):
     return CliRunner().invoke(main, list(args))
 
 
-@pytest.mark.parametrize("parallel", ["1", "4"])
+@pytest.mark.parametrize("parallel", ["1", pytest.param("4", marks=pytest.mark.slow)])
 def test_records_failures_and_resume(tmp_path, parallel):
     files = make_files(tmp_path, 3)
     (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 10)
@@ -63,7 +63,7 @@ def test_records_failures_and_resume(tmp_path, parallel):
     assert sorted(r["path"] for r in again) == sorted(inputs)  # one record per file, the stale one replaced
 
 
-@pytest.mark.parametrize("parallel", ["1", "3"])
+@pytest.mark.parametrize("parallel", ["1", pytest.param("3", marks=pytest.mark.slow)])
 def test_kill_in_the_middle_then_resume(tmp_path, parallel):
     files = make_files(tmp_path, 6)
     out = tmp_path / "out.jsonl"
@@ -91,7 +91,7 @@ def test_torn_last_line_is_repaired(tmp_path):
     assert read_records(out) == [{"path": "a", "error": None}]
 
 
-@pytest.mark.parametrize("parallel", ["1", "2"])
+@pytest.mark.parametrize("parallel", ["1", pytest.param("2", marks=pytest.mark.slow)])
 def test_long_file_goes_in_parts(tmp_path, parallel):
     path = tmp_path / "long.txt"
     path.write_text(pydoc_text()[:6000])

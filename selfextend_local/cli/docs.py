@@ -139,19 +139,46 @@ def qa(
     type=click.IntRange(1, 64),
     default=1,
     show_default=True,
-    help="Files summarised at once, decoded together in one context.",
+    help="Files summarised at once, decoded together in one context (with --ray: in each worker).",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on Ray workers: alone, start or join a local Ray; 'auto', the running cluster; or HOST:PORT.",
+)
+@click.option("--workers", type=click.IntRange(1, 4096), default=None, help="Ray workers. Default: CPUs / --threads.")
+@click.option("--gpus", type=click.FloatRange(0, 64), default=0.0, help="GPUs for each Ray worker.")
 @model_option
 @runtime_options
 @extend_options
 @sampling_options
 @log_options
-def summarize(files, out, prompt_template, retry_failed, parallel, model, runtime, extend, sampling, verbose) -> None:
+def summarize(
+    files,
+    out,
+    prompt_template,
+    retry_failed,
+    parallel,
+    ray_address,
+    workers,
+    gpus,
+    model,
+    runtime,
+    extend,
+    sampling,
+    verbose,
+) -> None:
     """Summarise FILES into one JSONL record each (path, hash, settings, summary, tokens, seconds, error).
 
     Resumable: files already summarised with the same content and settings are skipped. A file that fails
     gets an error record and the run goes on; the exit code is 1 when any file has an error record. With
-    --parallel N, N files are in flight at once and records are written as each completes.
+    --parallel N, N files are in flight at once and records are written as each completes. With --ray, the
+    files are summarised by Ray workers (each loads the model once; --threads is per worker, 1 by default)
+    and this process writes the records as they arrive.
     """
     from ..records import RecordLog
     from ..summarize import DEFAULT_PROMPT, Summarizer, check_prompt, plan_files, run
@@ -159,10 +186,29 @@ def summarize(files, out, prompt_template, retry_failed, parallel, model, runtim
     template = prompt_template or DEFAULT_PROMPT
     check_prompt(template)
     _make_folder(out.parent)
+    if ray_address is not None:
+        from .ray import summarize_on_ray
+
+        summarize_on_ray(
+            ray_address,
+            workers,
+            gpus,
+            files,
+            out,
+            template,
+            retry_failed,
+            parallel,
+            model,
+            runtime,
+            extend,
+            sampling,
+            _report,
+        )
+        return
     with RecordLog(out) as record_log:
         llm = load_for_cli(model, runtime, verbose)
         summarizer = Summarizer(llm, extend, runtime, sampling, template)
-        todo = plan_files(summarizer, list(files), record_log, retry_failed)
+        todo = plan_files(summarizer.signature(), list(files), record_log, retry_failed)
         with _engine_for(llm, runtime, extend, sampling, parallel, [path for path, _ in todo]) as engine:
             _report(run(summarizer, todo, engine), record_log, files, len(todo), out)
 

@@ -1,0 +1,166 @@
+"""`summarize --ray` on a real local Ray (2 workers, 1 thread each), started by these tests and stopped after.
+
+The cluster tests are in the slow set (about 50 s with the cluster's start-up)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from selfextend_local.cli import main
+from selfextend_local.corpus import pydoc_text
+
+pytest.importorskip("ray")
+
+ARGS = ["--temperature", "0", "-n", "24"]
+FIELDS = {"path", "sha256", "settings", "summary", "prompt_tokens", "summary_tokens", "method", "parts", "plan"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray head with 2 CPUs, its own (no token: the test's processes are its only clients); its address."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    port = free_port()
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
+    os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")  # for the commands the tests run
+    cmd = [str(ray_bin), "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard", "false"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, timeout=120)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def make_files(folder: Path, n: int, chars: int = 1200) -> list[Path]:
+    text = pydoc_text()
+    files = []
+    for i in range(n):
+        path = folder / f"doc{i}.txt"
+        path.write_text(text[20000 + i * chars : 20000 + (i + 1) * chars])
+        files.append(path)
+    return files
+
+
+def summarize_cmd(files, out, *extra) -> list[str]:
+    cmd = [sys.executable, "-m", "selfextend_local.cli", "summarize", *map(str, files), "--out", str(out)]
+    return cmd + [*ARGS, *extra]
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wait_for_records(out: Path, n: int, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and len(out.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {n} records after {timeout} s (exit {proc.poll()})")
+
+
+@pytest.mark.slow
+def test_records_and_greedy_summaries_equal_a_local_run(tmp_path, ray_cluster):
+    files = make_files(tmp_path, 4)
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    # one thread, as each Ray worker: llama.cpp's sums split across threads round differently
+    subprocess.run(summarize_cmd(files, local, "--threads", "1"), check=True, capture_output=True, timeout=600)
+    done = subprocess.run(
+        summarize_cmd(files, remote, "--ray", ray_cluster, "--workers", "2"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "4 summarised (0 failed)" in done.stderr and "Ray: 2 workers x 1 threads" in done.stderr
+    want = {r["path"]: r for r in records(local)}
+    got = {r["path"]: r for r in records(remote)}
+    assert set(got) == set(want)
+    for path, record in got.items():
+        assert set(record) == set(want[path]) and FIELDS <= set(record)
+        assert record["summary"] == want[path]["summary"] and record["settings"] == want[path]["settings"]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_still_gives_every_file_one_record(tmp_path, ray_cluster):
+    files = make_files(tmp_path, 8)
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        summarize_cmd(files, out, "--ray", ray_cluster, "--workers", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_records(out, 1, proc)
+    pattern = "MapBatches\\(SummaryWorker\\)"  # Ray names an actor's process after its class
+    victims = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    assert victims, "no worker process to kill"
+    os.kill(int(victims[0]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    got = records(out)
+    assert sorted(r["path"] for r in got) == sorted(map(str, files))  # each exactly once
+    assert all(r["error"] is None for r in got)
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_run_resumes_with_no_duplicates(tmp_path, ray_cluster):
+    files = make_files(tmp_path, 8)
+    out = tmp_path / "out.jsonl"
+    cmd = summarize_cmd(files, out, "--ray", ray_cluster, "--workers", "2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_records(out, 2, proc)
+    proc.kill()
+    proc.wait()
+    partial = records(out)  # every line whole
+    assert 2 <= len(partial) < 8
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    got = records(out)
+    assert sorted(r["path"] for r in got) == sorted(map(str, files))
+    assert f"{8 - len(partial)} summarised" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_model_missing_on_the_workers_is_one_line(tmp_path, ray_cluster):
+    files = make_files(tmp_path, 1)
+    cmd = summarize_cmd(files, tmp_path / "out.jsonl", "--ray", ray_cluster, "-m", "/nowhere/model.gguf")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error")]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr
+    assert "on Ray worker" in errors[0] and "model file not found: /nowhere/model.gguf" in errors[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_an_argument_that_is_not_an_address(tmp_path):
+    files = make_files(tmp_path, 2)  # --ray before the files takes the first one for its address
+    args = ["summarize", "--ray", *map(str, files), "--out", str(tmp_path / "o.jsonl")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "is not an address" in result.stderr and "--ray=local" in result.stderr
+
+
+def test_without_ray_installed_it_says_what_to_install(tmp_path, monkeypatch):
+    files = make_files(tmp_path, 1)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = CliRunner().invoke(main, ["summarize", *map(str, files), "--out", str(tmp_path / "o.jsonl"), "--ray"])
+    assert result.exit_code == 2 and "pip install 'selfextend-local[ray]'" in result.stderr
