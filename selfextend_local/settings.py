@@ -48,9 +48,9 @@ def check_range(name: str, value: int | float | None, low: float, high: float, l
     below = value <= low if low_open else value < low
     if below or value > high:
         if isinstance(value, int) and not isinstance(value, bool):
-            bounds = f"between {low + 1 if low_open else low:g} and {high:g}"
-        else:
-            bounds = f"{'above' if low_open else 'at least'} {low:g} and at most {high:g}"
+            bounds = f"between {int(low) + 1 if low_open else int(low)} and {int(high)}"
+            raise BadInputError(f"{name} must be {bounds}, got {value}")
+        bounds = f"{'above' if low_open else 'at least'} {low:g} and at most {high:g}"
         raise BadInputError(f"{name} must be {bounds}, got {value:g}")
 
 
