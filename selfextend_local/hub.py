@@ -7,13 +7,14 @@ interrupted transfer from its ``.incomplete`` file; we check each file's SHA-256
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInputError, ModelError
+from .engine.errors import BadInputError, ModelError
 from .paths import models_dir
 
 SPLIT = re.compile(r"-(\d{5})-of-(\d{5})$")
@@ -130,16 +131,24 @@ def _choices(groups: dict[str, list[RemoteFile]]) -> str:
     return ", ".join(sorted({g[0].quant or Path(g[0].path).name for g in groups.values()}))
 
 
+def _names_file(remote: RemoteFile, pattern: str) -> bool:
+    """Whether ``pattern`` (a path, a file name or a glob such as ``*Q4_K_M.gguf``) names ``remote``."""
+    name = Path(remote.path).name
+    return pattern in (remote.path, name) or fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(remote.path, pattern)
+
+
 def choose(files: list[RemoteFile], repo: str, quant: str | None = None, file: str | None = None) -> list[RemoteFile]:
     """The files to fetch (every part of a split model), or a one-line error that lists the choices."""
     groups = _by_model(files)
     if not groups:
         raise ModelError(f"{repo} has no .gguf files")
     if file:
-        match = [g for g in groups.values() if any(file in (f.path, Path(f.path).name) for f in g)]
+        match = [g for g in groups.values() if any(_names_file(f, file) for f in g)]
+        names = ", ".join(Path(g[0].path).name for g in match or groups.values())
         if not match:
-            names = ", ".join(Path(g[0].path).name for g in groups.values())
             raise ModelError(f"{repo} has no file {file!r}; its GGUF files: {names}")
+        if len(match) > 1:
+            raise BadInputError(f"{file!r} matches several models in {repo} ({names}); give one file name")
         return match[0]
     if quant:
         match = [g for g in groups.values() if (g[0].quant or "").upper() == quant.upper()]

@@ -1,15 +1,17 @@
-"""Install llama-cpp-python built from its PyPI sdist with our llama.cpp fix, so division is native.
+"""Install llama-cpp-python built from its PyPI sdist with our llama.cpp fixes: native division
+(``seq_div``'s K-shift sign) and the K-shift of a quantized K cache.
 
     python -m selfextend_local.llama_build        # in a clone, before `pip install -e .` (README)
     selfextend-local build-llama                  # after installing the tool from a wheel or with pipx
 
 The sdist is fetched by pip (so pip's index settings apply), the patches in ``patches/`` are applied,
-the package version gets a local label (``0.3.36+selfextend.1``: ``llama_cpp.__version__`` then says which
-build is loaded), and pip builds the wheel, honouring ``CMAKE_ARGS`` (``-DGGML_CUDA=on``,
+the package version gets a local label (``0.3.36+selfextend.2``: ``llama_cpp.__version__`` then says which
+build, and which of the patches, is loaded), and pip builds the wheel, honouring ``CMAKE_ARGS`` (``-DGGML_CUDA=on``,
 ``-DGGML_METAL=on``) exactly as ``pip install llama-cpp-python`` does. The wheel is kept in a cache
 keyed by the version, the patches, ``CMAKE_ARGS`` and the Python and platform, so a second install costs
 seconds. If a patch does not apply (a newer llama-cpp-python), one line says so and the stock build is
-installed: it still works, with division emulated by shifts.
+installed: it still works, with division emulated by shifts and quantized K caches refused where their
+K-shift would crash.
 
 Only the standard library is used here: this runs before anything else is installed.
 """
@@ -29,9 +31,10 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from .engine.build import LABEL
+
 PACKAGE = "llama-cpp-python"
 KNOWN_VERSION = "0.3.36"  # the release the patches were written against
-LABEL = "selfextend.1"  # bump when the patches change
 CACHE_ENV = "SELFEXTEND_LOCAL_BUILD_CACHE"
 _ENV_KEYS = ("CMAKE_ARGS", "FORCE_CMAKE", "CMAKE_GENERATOR", "CC", "CXX")
 
@@ -47,11 +50,6 @@ def say(message: str) -> None:
 def patches() -> list[tuple[str, bytes]]:
     folder = resources.files(__package__).joinpath("patches")
     return sorted((p.name, p.read_bytes()) for p in folder.iterdir() if p.name.endswith(".patch"))
-
-
-def is_patched_version(version: str) -> bool:
-    """Whether a llama-cpp-python version string is one of our builds."""
-    return version.endswith("+" + LABEL) or "+selfextend." in version
 
 
 def cache_root() -> Path:
@@ -155,7 +153,7 @@ def build_wheel(source: Path, out: Path) -> Path:
     log = out / "build.log"
     cmake = os.environ.get("CMAKE_ARGS", "")
     settings = f" (CMAKE_ARGS={cmake})" if cmake else ""
-    say(f"building it with the seq_div fix{settings}; ~5 minutes on 2 cores; log: {log}")
+    say(f"building it with our llama.cpp fixes{settings}; ~5 minutes on 2 cores; log: {log}")
     done = pip("wheel", "--no-deps", "--wheel-dir", str(out), str(source), log=log)
     wheels = sorted(out.glob("*.whl"))
     if done.returncode != 0 or not wheels:
@@ -183,7 +181,7 @@ def install_patched(version: str | None = None, use_cache: bool = True) -> str:
         source = extract(download_sdist(version, Path(tmp)), Path(tmp) / "src")
         problem = apply_patches(source)
         if problem:
-            say(f"the llama.cpp fix does not apply to {PACKAGE} {version} ({problem}); installing the stock build")
+            say(f"our llama.cpp fixes do not apply to {PACKAGE} {version} ({problem}); installing the stock build")
             install(f"{PACKAGE}=={version}", "division will be emulated by shifts (correct, slower on GPUs)")
             return f"{PACKAGE}=={version} (stock)"
         labelled = label_version(source, version)

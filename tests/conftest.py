@@ -16,8 +16,8 @@ GPU_LAYERS = int(os.environ.get("SELFEXTEND_TEST_GPU_LAYERS", "0"))
 
 @pytest.fixture(scope="session")
 def model():
-    from selfextend_local.engine import load_model
-    from selfextend_local.settings import RuntimeSettings
+    from selfextend_local.engine.settings import RuntimeSettings
+    from selfextend_local.locate import load_model
 
     loaded = load_model(None, RuntimeSettings(gpu_layers=GPU_LAYERS))
     yield loaded
@@ -26,21 +26,21 @@ def model():
 
 @pytest.fixture(scope="session")
 def runtime():
-    from selfextend_local.settings import RuntimeSettings
+    from selfextend_local.engine.settings import RuntimeSettings
 
     return RuntimeSettings(gpu_layers=GPU_LAYERS)
 
 
 @pytest.fixture(scope="session")
 def pydoc_tokens(model):
-    from selfextend_local.corpus import pydoc_text
+    from selfextend_local.tasks.corpus import pydoc_text
 
     return model.tokenize(pydoc_text())
 
 
 def make_session(model, runtime, n_ctx, group=1, window=1024, schedule="neighbor", division="auto"):
-    from selfextend_local.planning import Plan
-    from selfextend_local.session import Session
+    from selfextend_local.engine.planning import Plan
+    from selfextend_local.engine.session import Session
 
     plan = Plan(group, window, schedule, division, n_ctx, model.info.n_ctx_train, "test")
     return Session(model, plan, runtime)

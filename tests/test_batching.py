@@ -16,12 +16,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from selfextend_local.batching import BatchEngine, Request
-from selfextend_local.capacity import DEFAULT_SLOTS, choose
-from selfextend_local.engine import open_session
-from selfextend_local.generate import stream_generate
-from selfextend_local.metrics import kl_divergence
-from selfextend_local.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+from selfextend_local.engine.capacity import DEFAULT_SLOTS, choose
+from selfextend_local.engine.generate import stream_generate
+from selfextend_local.engine.metrics import kl_divergence
+from selfextend_local.engine.session import open_session
+from selfextend_local.engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+from selfextend_local.engine.slots import Engine, Request
 
 GREEDY = SamplingSettings(temperature=0, max_tokens=40)
 PROMPTS = [
@@ -87,7 +87,7 @@ def assert_same(want: Collector, got: Collector) -> None:
 def test_four_prompts_together_equal_each_alone_one_joining_late(model):
     prompts = [chat(model, p) for p in PROMPTS]
     want = [alone(model, p) for p in prompts]
-    with BatchEngine(model, 4, 1024) as engine:
+    with Engine.create(model, 4, 1024) as engine:
         outs = []
         for p in prompts[:3]:
             req, out = request(p)
@@ -104,12 +104,13 @@ def test_four_prompts_together_equal_each_alone_one_joining_late(model):
         assert w.tokens == o.tokens  # plain sequences: token-identical
 
 
+@pytest.mark.slow
 def test_a_self_extended_sequence_beside_short_ones(model, pydoc_tokens):
     """A prompt that groups (G4 W256, ~1.5k tokens) decoded beside short plain ones: each as alone."""
     long_prompt = pydoc_tokens[:1500]
     short = [chat(model, p) for p in PROMPTS[:2]]
     want = [alone(model, long_prompt, extend=EXTENDED)] + [alone(model, p) for p in short]
-    with BatchEngine(model, 3, 2048) as engine:
+    with Engine.create(model, 3, 2048) as engine:
         outs = []
         for prompt, extend in [(long_prompt, EXTENDED), (short[0], None), (short[1], None)]:
             req, out = request(prompt, extend=extend)
@@ -124,11 +125,12 @@ def test_a_self_extended_sequence_beside_short_ones(model, pydoc_tokens):
         assert w.tokens == o.tokens
 
 
+@pytest.mark.slow
 def test_sampling_is_per_sequence(model):
     prompt = chat(model, PROMPTS[3])
     hot = [SamplingSettings(temperature=0.9, seed=s, max_tokens=30) for s in (1, 2)]
     want = [alone(model, prompt, h) for h in hot] + [alone(model, prompt)]
-    with BatchEngine(model, 3, 1024) as engine:
+    with Engine.create(model, 3, 1024) as engine:
         outs = []
         for sampling in hot + [GREEDY]:
             req, out = request(prompt, sampling)
@@ -140,11 +142,12 @@ def test_sampling_is_per_sequence(model):
         assert w.tokens == o.tokens
 
 
+@pytest.mark.slow
 def test_cancelling_one_leaves_the_others_unchanged(model):
     prompts = [chat(model, p) for p in PROMPTS]
     want = [alone(model, p) for p in prompts]
     stop = {"now": False}
-    with BatchEngine(model, 4, 1024) as engine:
+    with Engine.create(model, 4, 1024) as engine:
         outs = []
         for i, p in enumerate(prompts):
             req, out = request(p, cancelled=(lambda: stop["now"]) if i == 1 else None)
@@ -163,7 +166,7 @@ def test_cancelling_one_leaves_the_others_unchanged(model):
 
 def test_a_slot_keeps_its_cache_for_a_longer_prompt(model):
     first = chat(model, "Name a colour.")
-    with BatchEngine(model, 2, 1024) as engine:
+    with Engine.create(model, 2, 1024) as engine:
         req, out = request(first)
         engine.add(req)
         engine.run()
@@ -176,7 +179,7 @@ def test_a_slot_keeps_its_cache_for_a_longer_prompt(model):
 
 def test_logits_of_a_batched_step_match_a_single_decode(model):
     """The KL that would explain a divergence: here the batched kernels agree with the single ones."""
-    from selfextend_local.session import Context, Entry
+    from selfextend_local.engine.context import Context, Span
 
     prompts = [chat(model, p) for p in PROMPTS[:2]]
     singles = []
@@ -186,9 +189,9 @@ def test_logits_of_a_batched_step_match_a_single_decode(model):
             singles.append(session.last_logits())
     context = Context(model, 256, RuntimeSettings(), n_seq=2)
     try:
-        entries = [Entry(t, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)]
-        context.decode(entries)
-        batched = [context.logits(len(prompts[0]) - 1)[0], context.logits(len(entries) - 1)[0]]
+        context.decode([Span(p, 0, s, "last") for s, p in enumerate(prompts)])
+        n = len(prompts[0]) + len(prompts[1])
+        batched = [context.logits(len(prompts[0]) - 1)[0], context.logits(n - 1)[0]]
     finally:
         context.close()
     for single, row in zip(singles, batched):
@@ -213,7 +216,7 @@ def test_past_the_training_context_beside_short_ones_and_a_late_joiner(model, py
     long_prompt = pydoc_tokens[:9000]
     short = [chat(model, p) for p in PROMPTS[:3]]
     want = [alone(model, long_prompt)] + [alone(model, p) for p in short]
-    with BatchEngine(model, 4, 9216) as engine:
+    with Engine.create(model, 4, 9216) as engine:
         outs = []
         for prompt in [long_prompt, *short[:2]]:
             req, out = request(prompt)

@@ -7,9 +7,9 @@ import subprocess
 import sys
 import time
 
-from selfextend_local.chat import Conversation
-from selfextend_local.corpus import pydoc_text
-from selfextend_local.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+from selfextend_local.engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+from selfextend_local.tasks.chat import Conversation
+from selfextend_local.tasks.corpus import pydoc_text
 
 
 def test_stopped_reply_keeps_the_conversation_going(model):

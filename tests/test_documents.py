@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from selfextend_local.documents import read_document
-from selfextend_local.errors import BadInputError
-from selfextend_local.kvcache import KVCache
+from selfextend_local.engine.errors import BadInputError
+from selfextend_local.engine.kvcache import STATE_MAGIC, KVCache
+from selfextend_local.tasks.documents import read_document
 
 
 def test_text_and_markdown(tmp_path):
@@ -50,7 +50,7 @@ def test_html_without_the_optional_library(tmp_path, monkeypatch):
     page.write_text("<p>hi</p>")
     monkeypatch.setitem(sys.modules, "bs4", None)
     with pytest.raises(
-        BadInputError, match=r"needs the beautifulsoup4 package: pip install 'selfextend-local\[docs\]'"
+        BadInputError, match=r"reading HTML needs beautifulsoup4: pip install 'selfextend-local\[docs\]'"
     ):
         read_document(page)
 
@@ -71,8 +71,8 @@ IDENTITY = {"model": "m.gguf", "document": "abc", "group": 4}
 
 
 def put(cache, identity, state: bytes, schedule_state=None, n_tokens=3):
-    """An entry whose llama.cpp part is ``state`` (written as llama.cpp would write its file)."""
-    write = lambda path: path.write_bytes(state)  # noqa: E731
+    """An entry whose llama.cpp part is ``state`` after llama.cpp's magic (as llama.cpp writes its file)."""
+    write = lambda path: path.write_bytes(STATE_MAGIC + state)  # noqa: E731
     return cache.put(identity, write, n_tokens, schedule_state or {}, {"model_name": "m"})
 
 
@@ -89,24 +89,35 @@ def test_cache_round_trip(tmp_path):
     cache = KVCache(tmp_path)
     put(cache, IDENTITY, b"state-bytes", {"n_tokens": 3})
     meta, data = get(cache, IDENTITY)
-    assert data.startswith(b"state-bytes") and meta["schedule_state"] == {"n_tokens": 3} and meta["n_tokens"] == 3
+    assert (
+        data.startswith(STATE_MAGIC + b"state-bytes")
+        and meta["schedule_state"] == {"n_tokens": 3}
+        and meta["n_tokens"] == 3
+    )
     assert get(cache, {**IDENTITY, "group": 8}) is None
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_damaged_entry_is_dropped(tmp_path, damage):
     cache = KVCache(tmp_path)
     path = put(cache, IDENTITY, b"x" * 1000)
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[500] ^= 0xFF
-    elif damage == "truncate":
-        data = data[:-100]
     else:
-        data = bytearray(b"hello")
+        data = data[:-100]  # still llama.cpp's file at the start: ours, cut short
     path.write_bytes(bytes(data))
     assert get(cache, IDENTITY) is None
-    assert not path.exists()
+    assert not path.exists() and any("damaged" in w for w in cache.warnings)
+
+
+def test_a_file_the_cache_did_not_write_is_left_alone(tmp_path):
+    cache = KVCache(tmp_path)
+    path = tmp_path / f"{cache.key(IDENTITY)}.kv"
+    path.write_bytes(b"hello")  # named like an entry, but neither llama.cpp's file nor our trailer
+    assert get(cache, IDENTITY) is None
+    assert path.read_bytes() == b"hello" and any("left it alone" in w for w in cache.warnings)
+    assert cache.clear() == 0 and path.exists()
 
 
 def test_mismatched_entry_is_dropped(tmp_path):
@@ -152,7 +163,7 @@ def test_every_byte_of_an_entry_is_checked(tmp_path):
 def test_an_absurd_header_length_is_not_allocated(tmp_path):
     import struct
 
-    from selfextend_local.kvcache import DIGEST, MAGIC
+    from selfextend_local.engine.kvcache import DIGEST, MAGIC
 
     cache = KVCache(tmp_path)
     path = tmp_path / f"{cache.key(IDENTITY)}.kv"
@@ -167,18 +178,21 @@ def test_temporary_files_are_not_entries_and_only_stale_ones_go(tmp_path):
     cache = KVCache(tmp_path, limit=10)  # everything is over the limit
     young = tmp_path / ".tmp-writing.part"  # another process is writing this one now
     old = tmp_path / ".tmp-crashed.part"
-    young.write_bytes(b"x" * 100)
-    old.write_bytes(b"x" * 100)
+    young.write_bytes(STATE_MAGIC + b"x" * 100)
+    old.write_bytes(STATE_MAGIC + b"x" * 100)
+    stranger = tmp_path / ".tmp-someone-elses.part"  # named like ours, not written by us
+    stranger.write_bytes(b"x" * 100)
+    os.utime(stranger, (time.time() - 7 * 3600,) * 2)
     os.utime(old, (time.time() - 7 * 3600,) * 2)
     put(cache, IDENTITY, b"y" * 100)
     assert [e.path.name for e in cache.entries()] == [f"{cache.key(IDENTITY)}.kv"]
-    assert young.exists() and not old.exists()
+    assert young.exists() and not old.exists() and stranger.exists()
     assert cache.clear() == 1 and young.exists()
 
 
 @pytest.mark.parametrize("obstacle", ["entry is a directory", "folder is a file", "llama.cpp fails"])
 def test_a_cache_that_cannot_be_written_says_so(tmp_path, obstacle):
-    from selfextend_local.kvcache import CacheWriteError
+    from selfextend_local.engine.kvcache import CacheWriteError
 
     root = tmp_path / "kv"
     cache = KVCache(root)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from conftest import make_session
 
-from selfextend_local.errors import EngineError
-from selfextend_local.generate import stream_generate
-from selfextend_local.metrics import kl_divergence
-from selfextend_local.perplexity import token_nlls
-from selfextend_local.settings import RuntimeSettings, SamplingSettings
+from selfextend_local.engine.errors import EngineError
+from selfextend_local.engine.generate import stream_generate
+from selfextend_local.engine.metrics import kl_divergence
+from selfextend_local.engine.settings import RuntimeSettings, SamplingSettings
+from selfextend_local.evaluation.perplexity import token_nlls
 
 GREEDY = SamplingSettings(temperature=0, max_tokens=40)
 
@@ -32,20 +32,21 @@ def test_short_input_is_token_identical_to_plain(model, runtime):
     assert outputs["llamacpp"] == outputs["plain"]
 
 
-@pytest.mark.parametrize("schedule", ["neighbor", "llamacpp"])
+@pytest.mark.parametrize("schedule", ["neighbor", pytest.param("llamacpp", marks=pytest.mark.slow)])
 def test_cache_positions_follow_the_schedule(model, pydoc_tokens, schedule):
-    runtime = RuntimeSettings(batch=128)
-    with make_session(model, runtime, 2048, 4, 256, schedule) as session:
-        session.ingest(pydoc_tokens[:1500])
-        for token in pydoc_tokens[1500:1530]:  # generation-style single tokens keep the schedule going
-            session.decode_token(token)
+    runtime = RuntimeSettings(batch=64)
+    with make_session(model, runtime, 1024, 4, 128, schedule) as session:
+        session.ingest(pydoc_tokens[:700])
+        for token in pydoc_tokens[700:730]:  # generation-style single tokens keep the schedule going
+            session.ingest([token])
         mem = session.mem
         assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == 0
         assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == session.schedule.next_pos - 1
-        assert session.schedule.next_pos < 1530 // 2  # most of the sequence is grouped
-        assert len(session.tokens) == 1530
+        assert session.schedule.next_pos < 730 // 2  # most of the sequence is grouped
+        assert len(session.tokens) == 730
 
 
+@pytest.mark.slow
 def test_probe_verdict_matches_what_native_division_does(model, pydoc_tokens, runtime):
     """Whatever the llama.cpp build: the probe's verdict agrees with perplexity under native division."""
     tokens = pydoc_tokens[:1200]
@@ -64,9 +65,10 @@ def test_probe_verdict_matches_what_native_division_does(model, pydoc_tokens, ru
         assert "DEFECTIVE" in verdict.describe()
 
 
+@pytest.mark.slow
 def test_folded_division_gives_the_logits_of_one_shift_per_position(model, pydoc_tokens, monkeypatch):
     """The few-calls emulation must leave every key where, and rotated as, one shift per position does."""
-    import selfextend_local.division as division
+    import selfextend_local.engine.division as division
 
     def one_shift_per_position(mem, seq, p0, p1, d):
         for p in range(p0, p1):
@@ -74,22 +76,22 @@ def test_folded_division_gives_the_logits_of_one_shift_per_position(model, pydoc
                 llama_cpp.llama_memory_seq_add(mem, seq, p, p + 1, p // d - p)
 
     runtime = RuntimeSettings(batch=64)
-    tokens = pydoc_tokens[:900]
+    tokens = pydoc_tokens[:500]
     logits = {}
     for name in ("folded", "per position"):
         if name == "per position":
             monkeypatch.setattr(division, "divide_emulated", one_shift_per_position)
         chunks = []
-        with make_session(model, runtime, 1024, 8, 128, "neighbor", "emulated") as session:
+        with make_session(model, runtime, 512, 8, 64, "neighbor", "emulated") as session:
             session.ingest(tokens, on_logits=lambda offset, lg, out=chunks: out.append(lg.copy()))
         logits[name] = np.concatenate(chunks)
     assert logits["folded"].shape == (len(tokens), model.n_vocab)
     np.testing.assert_allclose(logits["folded"], logits["per position"], rtol=0, atol=1e-4)
 
 
-def ingest_logits(model, tokens, division, group=8, window=128):
+def ingest_logits(model, tokens, division, group=8, window=64):
     chunks = []
-    with make_session(model, RuntimeSettings(batch=64), 1024, group, window, "neighbor", division) as session:
+    with make_session(model, RuntimeSettings(batch=64), 512, group, window, "neighbor", division) as session:
         session.ingest(tokens, on_logits=lambda offset, lg: chunks.append(lg.copy()))
         verdict = session.divider.probe
     return np.concatenate(chunks), verdict
@@ -97,7 +99,7 @@ def ingest_logits(model, tokens, division, group=8, window=128):
 
 def test_native_division_gives_the_emulations_logits_on_a_correct_build(model, pydoc_tokens):
     """On our build (the seq_div fix) native division is exact; on a stock build it is measurably wrong."""
-    tokens = pydoc_tokens[:900]
+    tokens = pydoc_tokens[:500]
     native, verdict = ingest_logits(model, tokens, "native")
     emulated, _ = ingest_logits(model, tokens, "emulated")
     kl = kl_divergence(emulated, native)
@@ -110,7 +112,7 @@ def test_native_division_gives_the_emulations_logits_on_a_correct_build(model, p
 
 def test_the_probe_recognises_a_defective_division_and_falls_back(model, runtime):
     """A deliberately wrong divider (rounding to nearest instead of down) is caught, whatever the build."""
-    from selfextend_local.division import choose_divider
+    from selfextend_local.engine.division import choose_divider
 
     def rounds_to_nearest(mem, seq, p0, p1, d):
         for p in range(p0, p1):  # lowest first: a moved cell never lands on one still to move
@@ -119,7 +121,7 @@ def test_the_probe_recognises_a_defective_division_and_falls_back(model, runtime
                 llama_cpp.llama_memory_seq_add(mem, seq, p, p + 1, target - p)
 
     with make_session(model, runtime, 256) as session:
-        divider = choose_divider(session, "auto", native=rounds_to_nearest)
+        divider = choose_divider(session.context, "auto", native=rounds_to_nearest)
     assert divider.name == "emulated" and not divider.probe.native_correct
     assert "DEFECTIVE" in divider.reason and divider.probe.kl > 1e-3
 
@@ -147,6 +149,7 @@ def test_prefix_reuse_gives_the_same_logits_as_a_fresh_ingestion(model, pydoc_to
     assert float(kl_divergence(want, got)) < 1e-3
 
 
+@pytest.mark.slow
 def test_prefix_inside_the_grouped_region_is_not_reused(model, pydoc_tokens):
     runtime = RuntimeSettings(batch=64)
     with make_session(model, runtime, 1024, 4, 128) as session:
@@ -184,8 +187,8 @@ def test_perplexity_at_4k_is_close_to_plain(model, pydoc_tokens, runtime):
 def test_models_that_cannot_be_extended_are_refused(change, reason):
     import dataclasses
 
-    from selfextend_local.errors import ModelError
-    from selfextend_local.model import Model
+    from selfextend_local.engine.errors import ModelError
+    from selfextend_local.engine.model import Model
     from selfextend_local.paths import bundled_model
 
     with Model(bundled_model()) as unusual:

@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from conftest import make_session
 
 from selfextend_local.cli import main
-from selfextend_local.convert import quantize, rewrite_gguf
-from selfextend_local.corpus import pydoc_text
-from selfextend_local.metrics import kl_divergence
-from selfextend_local.model import Model
+from selfextend_local.engine.metrics import kl_divergence
+from selfextend_local.engine.model import Model
+from selfextend_local.engine.settings import RuntimeSettings
+from selfextend_local.evaluation.convert import quantize, rewrite_gguf
 from selfextend_local.paths import bundled_model
-from selfextend_local.settings import RuntimeSettings
+from selfextend_local.tasks.corpus import pydoc_text
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -32,6 +32,7 @@ def ladder(tmp_path_factory):
     return {"F16": f16, **{q: quantize(f16, folder / f"smol-{q}.gguf", q) for q in ("Q8_0", "Q2_K")}}
 
 
+@pytest.mark.slow
 def test_dequantized_reference_keeps_metadata_and_behaviour(ladder, model):
     source, out = gguf.GGUFReader(bundled_model()), gguf.GGUFReader(ladder["F16"])
     keys = {k for k in source.fields if not k.startswith("GGUF.")}
@@ -49,6 +50,7 @@ def test_dequantized_reference_keeps_metadata_and_behaviour(ladder, model):
     assert agree > 0.95  # the same weights, in F16
 
 
+@pytest.mark.slow
 def test_quantized_files_are_what_they_say(ladder):
     for q in ("Q8_0", "Q2_K"):
         with Model(ladder[q]) as m:
@@ -56,6 +58,7 @@ def test_quantized_files_are_what_they_say(ladder):
     assert ladder["Q2_K"].stat().st_size < ladder["Q8_0"].stat().st_size < ladder["F16"].stat().st_size
 
 
+@pytest.mark.slow
 def test_convert_commands(tmp_path, ladder):
     out = tmp_path / "again-F16.gguf"
     result = run("convert", "dequantize", str(bundled_model()), str(out))
@@ -109,6 +112,7 @@ def test_passkey_command_table_json_and_heatmap(tmp_path):
     assert (tmp_path / "pk.png").read_bytes()[:8] == PNG
 
 
+@pytest.mark.slow
 def test_ppl_command_every_method(tmp_path):
     doc = tmp_path / "text.txt"
     doc.write_text(pydoc_text()[:8000])
@@ -157,7 +161,7 @@ def test_evaluation_bad_input(args, message):
 
 @pytest.fixture(scope="module")
 def reference():
-    from selfextend_local.reference import ReferenceModel
+    from selfextend_local.evaluation.reference import ReferenceModel
 
     return ReferenceModel(bundled_model())
 
@@ -199,10 +203,10 @@ def test_quantization_ladder_is_monotonic(tmp_path, model):
 
     At 4k tokens to fit the suite's time; docs/RESULTS.md has the same ladder past the training context.
     """
-    from selfextend_local.convert import LADDER
-    from selfextend_local.corpus import long_tokens
-    from selfextend_local.planning import Plan
-    from selfextend_local.validate import compare_logits, summarize
+    from selfextend_local.engine.planning import Plan
+    from selfextend_local.evaluation.convert import LADDER
+    from selfextend_local.evaluation.validate import compare_logits, summarize
+    from selfextend_local.tasks.corpus import long_tokens
 
     (f16,) = rewrite_gguf(bundled_model(), tmp_path / "r-F16.gguf", to_f16=True)
     candidates = [Model(quantize(f16, tmp_path / f"r-{q}.gguf", q)) for q in LADDER]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
 
 from selfextend_local.cli import main
-from selfextend_local.documents import MAX_TEXT_BYTES
+from selfextend_local.tasks.documents import MAX_TEXT_BYTES
 
 
 def run(*args, input=None):
@@ -19,7 +20,9 @@ def run(*args, input=None):
 
 def one_line_error(result, code, *fragments):
     assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    # the command ended by exiting (Click's error boundary), not by an exception escaping it
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1, result.stderr
     for fragment in fragments:
@@ -156,3 +159,44 @@ def test_verbose_shows_ours_and_llama_log_shows_llama_cpp():
     assert not any(marker in verbose.stderr for marker in ("llama_model_loader", "llama_context:", "load_tensors"))
     llama = cli("generate", "--llama-log", "--temperature", "0", "-n", "2", "hi")
     assert llama.returncode == 0 and "llama_context" in llama.stderr
+
+
+# -- what a careless user sets ------------------------------------------------------------------------
+
+
+def test_a_progress_interval_that_is_not_a_number_is_a_warning():
+    env = {**os.environ, "SELFEXTEND_LOCAL_PROGRESS_SECONDS": "abc"}
+    done = cli("generate", "--temperature", "0", "-n", "2", "hi", env=env, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert "SELFEXTEND_LOCAL_PROGRESS_SECONDS='abc' is not a number of seconds" in done.stderr
+
+
+def test_an_answer_to_a_full_disk_is_one_line():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "selfextend_local.cli", "generate", "--temperature", "0", "-n", "8", "hi"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error")]
+    assert errors == ["Error: cannot write the output: No space left on device"], done.stderr
+
+
+def test_more_slots_than_memory_holds_are_refused_before_allocating(model):
+    from selfextend_local.engine.capacity import choose
+    from selfextend_local.engine.errors import BadInputError
+    from selfextend_local.engine.settings import ExtendSettings, RuntimeSettings
+
+    with pytest.raises(BadInputError) as err:
+        choose(model, RuntimeSettings(), ExtendSettings(), slots=64, memory=8 << 30)
+    assert "--parallel 64" in str(err.value) and "holds 22 such slots" in str(err.value)
+    assert err.value.suggested == {"parallel": 22}
+    fits = choose(model, RuntimeSettings(), ExtendSettings(), slots=8, memory=8 << 30)
+    assert fits.slots == 8 and 8192 <= fits.cells < 26624  # cut, but still a whole training context
+    start = time.perf_counter()
+    done = cli("serve", "--parallel", "64", "--ctx", "131072", "--port", "0", timeout=120)
+    assert done.returncode == 1 and "KV cache" in done.stderr and "Traceback" not in done.stderr
+    assert "allocated" not in done.stderr and time.perf_counter() - start < 60

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from hub_server import FakeHub
 
 from selfextend_local.cli import main
-from selfextend_local.convert import rewrite_gguf
+from selfextend_local.evaluation.convert import rewrite_gguf
 from selfextend_local.hub import RemoteFile, choose
 from selfextend_local.paths import bundled_model
 
@@ -69,6 +69,7 @@ def test_download_quant_verifies_and_shows_info(hub, tmp_path):
     assert "training context:  8,192 tokens" in result.stdout
 
 
+@pytest.mark.slow
 def test_resume_after_a_cut_connection(hub, tmp_path):
     hub.cut_after = 30_000_000
     result = run("download", REPO, "--quant", "Q4_1")
@@ -77,6 +78,7 @@ def test_resume_after_a_cut_connection(hub, tmp_path):
     assert sha(tmp_path / "models" / REPO / MODEL_FILE) == sha(bundled_model())
 
 
+@pytest.mark.slow
 def test_resume_in_a_later_run(hub, tmp_path):
     hub.cut_after = 20_000_000
     hub.fail_transfers = True  # the retry fails too: the first run ends with a partial file

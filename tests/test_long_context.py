@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import make_session
 
-from selfextend_local.perplexity import token_nlls
+from selfextend_local.evaluation.perplexity import token_nlls
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from selfextend_local.errors import BadInputError, InputTooLongError
-from selfextend_local.planning import largest_position, max_input, plan, suggest
-from selfextend_local.settings import ExtendSettings
+from selfextend_local.engine.errors import BadInputError, InputTooLongError
+from selfextend_local.engine.planning import largest_position, max_input, plan, suggest
+from selfextend_local.engine.settings import ExtendSettings
 
 L = 8192
 
@@ -61,7 +61,7 @@ def test_beyond_every_setting_is_refused():
         ({"group": 3, "window": 1024}, "not a multiple"),
         ({"group": 0}, "between 1 and 256"),
         ({"window": -5}, "between 1 and"),
-        ({"schedule": "nope"}, "unknown schedule"),
+        ({"schedule": "nope"}, "unknown --schedule 'nope'"),
     ],
 )
 def test_bad_settings(kwargs, match):
@@ -77,3 +77,29 @@ def test_window_must_be_below_training_context():
 def test_ctx_smaller_than_input_is_refused():
     with pytest.raises(InputTooLongError, match="--ctx"):
         plan(L, 5000, ExtendSettings(), ctx=4096)
+
+
+def test_errors_carry_the_setting_and_each_front_end_words_it():
+    from selfextend_local.engine.errors import PYTHON
+    from selfextend_local.serving.server import http_naming
+
+    with pytest.raises(InputTooLongError) as err:
+        plan(L, 30_000, ExtendSettings(group=4, window=2048))
+    exc = err.value
+    assert exc.param == "group" and exc.suggested == {"group": 8, "window": 2048}
+    assert str(exc) == (
+        "the input needs 30000 tokens but --group 4 --window 2048 reaches 26624 (training context 8192); "
+        "use --group 8 --window 2048"
+    )
+    http = exc.render(http_naming("messages"))
+    assert http.endswith(
+        "but selfextend.group=4, selfextend.window=2048 reaches 26624 (training context 8192); "
+        "use selfextend.group=8, selfextend.window=2048"
+    )
+    assert exc.render(PYTHON).endswith("use group=8, window=2048")
+    with pytest.raises(BadInputError) as err:
+        ExtendSettings(group=3, window=1024)
+    assert err.value.param == "window" and err.value.suggested == {"window": 1023}
+    assert err.value.render(http_naming("prompt")) == (
+        "selfextend.window 1024 is not a multiple of selfextend.group 3; try selfextend.window=1023"
+    )

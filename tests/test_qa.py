@@ -6,14 +6,14 @@ import pytest
 from click.testing import CliRunner
 
 from selfextend_local.cli import main
-from selfextend_local.corpus import pydoc_text
-from selfextend_local.kvcache import KVCache
-from selfextend_local.qa import DocumentQA
-from selfextend_local.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+from selfextend_local.engine.kvcache import KVCache
+from selfextend_local.engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+from selfextend_local.tasks.corpus import pydoc_text
+from selfextend_local.tasks.qa import DocumentQA
 
 GREEDY = SamplingSettings(temperature=0, max_tokens=16)
-EXTEND = ExtendSettings(group=4, window=256)  # grouping happens inside this ~1.5k-token document
-DOC = pydoc_text()[:6000]
+EXTEND = ExtendSettings(group=4, window=128)  # grouping happens inside this ~750-token document
+DOC = pydoc_text()[:3000]
 Q1, Q2 = "What does the assert statement do?", "What is a generator?"
 
 
@@ -52,6 +52,7 @@ def test_later_run_restores_the_document_from_disk(model, cache):
     assert got == want and last.reused_tokens == len(doc.doc_tokens)
 
 
+@pytest.mark.slow
 def test_corrupt_entry_is_rebuilt_not_used(model, cache):
     with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
         doc.load()
@@ -62,14 +63,42 @@ def test_corrupt_entry_is_rebuilt_not_used(model, cache):
     entry.path.write_bytes(bytes(data))
     with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
         assert doc.load() == "ingested"
+        (warning,) = doc.take_warnings()  # said once, not silent
+        assert "damaged" in warning and "rebuilt" in warning
         assert answer(doc, Q1)[0] == want
     assert len(cache.entries()) == 1  # rebuilt
 
 
+def test_the_cache_leaves_alone_what_it_did_not_write(model, tmp_path):
+    """A directory named like an entry (with a user's file in it), and a stranger's file named like one:
+    qa, `cache list` and `cache clear` never delete them, and say so."""
+    kv = tmp_path / "kv"
+    cache = KVCache(kv)
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
+        key = cache.key(doc.identity())
+    folder = kv / f"{key}.kv"
+    folder.mkdir(parents=True)
+    (folder / "thesis.tex").write_text("three years of work")
+    stranger = kv / f"{'0' * 32}.kv"
+    stranger.write_bytes(b"someone else's data")
+    with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
+        assert doc.load() == "ingested"
+        answer(doc, Q1)
+    warnings = doc.take_warnings()
+    assert any("is a directory" in w and "left it alone" in w for w in warnings), warnings
+    assert (folder / "thesis.tex").read_text() == "three years of work"
+    listed = run("cache", "list", "--cache-dir", str(kv))
+    assert "0 entries" in listed.stderr and "left alone" in listed.stderr
+    cleared = run("cache", "clear", "--cache-dir", str(kv))
+    assert cleared.exit_code == 0 and "removed 0 entries" in cleared.stderr and "left" in cleared.stderr
+    assert (folder / "thesis.tex").exists() and stranger.read_bytes() == b"someone else's data"
+
+
+@pytest.mark.slow
 def test_other_settings_do_not_share_an_entry(model, cache):
     with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
         doc.load()
-    other = ExtendSettings(group=4, window=256, schedule="llamacpp")
+    other = ExtendSettings(group=4, window=128, schedule="llamacpp")
     with DocumentQA(model, DOC, other, RuntimeSettings(), GREEDY, cache) as doc:
         assert doc.load() == "ingested"
     assert len(cache.entries()) == 2
@@ -79,11 +108,12 @@ def run(*args, input=None):
     return CliRunner().invoke(main, list(args), input=input)
 
 
+@pytest.mark.slow
 def test_cli_qa_and_cache_commands(tmp_path):
     path = tmp_path / "doc.md"
     path.write_text(DOC)
     kv = str(tmp_path / "kv")
-    args = ["qa", "--doc", str(path), "--cache-dir", kv, "--temperature", "0", "-n", "8", "-g", "4", "-w", "256"]
+    args = ["qa", "--doc", str(path), "--cache-dir", kv, "--temperature", "0", "-n", "8", "-g", "4", "-w", "128"]
     first = run(*args, Q1, "-q", Q2)
     assert first.exit_code == 0, first.output
     assert f"Q: {Q1}" in first.stdout and f"Q: {Q2}" in first.stdout
@@ -91,12 +121,13 @@ def test_cli_qa_and_cache_commands(tmp_path):
     second = run(*args, Q1)
     assert "restored from the cache" in second.stderr
     listed = run("cache", "list", "--cache-dir", kv)
-    assert listed.exit_code == 0 and "G4 W256 neighbor" in listed.stdout
+    assert listed.exit_code == 0 and "G4 W128 neighbor" in listed.stdout
     cleared = run("cache", "clear", "--cache-dir", kv)
     assert "removed 1 entries" in cleared.stderr
     assert run(*args, "--no-cache", Q1).exit_code == 0 and not list((tmp_path / "kv").glob("*.kv"))
 
 
+@pytest.mark.slow
 def test_cli_interactive(tmp_path):
     path = tmp_path / "doc.txt"
     path.write_text(DOC)
@@ -122,6 +153,7 @@ def test_cli_document_beyond_any_setting(tmp_path):
     assert "shorten the input" in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_damaged_schedule_state_is_rebuilt_not_decoded(model, cache):
     """A flipped bit in the header's schedule state used to make every later qa fail in llama_decode."""
     with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
@@ -138,6 +170,7 @@ def test_a_damaged_schedule_state_is_rebuilt_not_decoded(model, cache):
         assert doc.load() == "cache"  # the rebuilt entry is good
 
 
+@pytest.mark.slow
 def test_qa_answers_when_the_cache_cannot_be_written(tmp_path):
     path = tmp_path / "doc.txt"
     path.write_text(DOC)
@@ -185,6 +218,7 @@ def test_progress_lines_when_stderr_is_a_pipe(tmp_path):
     path = tmp_path / "doc.txt"
     path.write_text(DOC)
     cmd = [sys.executable, "-m", "selfextend_local.cli", "qa", "--doc", str(path), "--no-cache", "-n", "2", Q1]
+    cmd += ["--batch", "128"]  # several chunks, so several lines
     env = {**os.environ, "SELFEXTEND_LOCAL_PROGRESS_SECONDS": "0"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 from selfextend_local.cli import main
-from selfextend_local.corpus import pydoc_text
+from selfextend_local.testing import free_port, make_text_files
 
 pytest.importorskip("ray")
 
 ARGS = ["--temperature", "0", "-n", "24"]
 FIELDS = {"path", "sha256", "settings", "summary", "prompt_tokens", "summary_tokens", "method", "parts", "plan"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +45,7 @@ def ray_cluster():
 
 
 def make_files(folder: Path, n: int, chars: int = 1200) -> list[Path]:
-    text = pydoc_text()
-    files = []
-    for i in range(n):
-        path = folder / f"doc{i}.txt"
-        path.write_text(text[20000 + i * chars : 20000 + (i + 1) * chars])
-        files.append(path)
-    return files
+    return make_text_files(folder, n, chars, offset=20000)
 
 
 def summarize_cmd(files, out, *extra) -> list[str]:
@@ -164,3 +151,63 @@ def test_without_ray_installed_it_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     result = CliRunner().invoke(main, ["summarize", *map(str, files), "--out", str(tmp_path / "o.jsonl"), "--ray"])
     assert result.exit_code == 2 and "pip install 'selfextend-local[ray]'" in result.stderr
+
+
+def test_an_unreachable_address_is_one_line_within_the_timeout(tmp_path):
+    files = make_files(tmp_path, 1)
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.perf_counter()
+    done = subprocess.run(
+        summarize_cmd(files, tmp_path / "out.jsonl", "--ray", address, "--ray-timeout", "5"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and time.perf_counter() - start < 60
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and address in errors[0] and "ray start --head" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_an_address_that_answers_but_is_not_ray(tmp_path):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        done = subprocess.run(
+            summarize_cmd(make_files(tmp_path, 1), tmp_path / "out.jsonl", "--ray", address, "--ray-timeout", "5"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        server.shutdown()
+    assert done.returncode == 1 and "not as a Ray cluster" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_workers_beyond_the_cluster_are_clamped():
+    from selfextend_local.serving.distributed import plan_workers
+
+    assert plan_workers(None, 2, 1) == (2, None)
+    workers, said = plan_workers(100, 2, 1)
+    assert workers == 2 and "--workers 100" in said and "the cluster has 2" in said
+    assert plan_workers(1, 8, 2) == (1, None) and plan_workers(9, 8, 2)[0] == 4
+
+
+@pytest.mark.slow
+def test_more_workers_than_the_cluster_holds_run_on_what_it_has(tmp_path, ray_cluster):
+    files = make_files(tmp_path, 2)
+    done = subprocess.run(
+        summarize_cmd(files, tmp_path / "out.jsonl", "--ray", ray_cluster, "--workers", "100"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "using 2" in done.stderr and "Ray: 2 workers x 1 threads on a cluster of 2 CPUs" in done.stderr
+    assert len(records(tmp_path / "out.jsonl")) == 2

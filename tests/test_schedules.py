@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selfextend_local.schedules import (
+from selfextend_local.engine.schedules import (
     Add,
     Div,
     LlamaCppSchedule,

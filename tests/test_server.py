@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,41 +12,10 @@ import httpx
 import openai
 import pytest
 
-from selfextend_local.corpus import pydoc_text
+from selfextend_local.tasks.corpus import pydoc_text
+from selfextend_local.testing import start_server, stop_server
 
 KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(*args: str):
-    port = free_port()
-    cmd = [sys.executable, "-m", "selfextend_local.cli", "serve", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"server did not start: {proc.stdout.read()}")
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture(scope="module", params=[1, pytest.param(4, marks=pytest.mark.slow)], ids=["parallel1", "parallel4"])
@@ -102,6 +70,7 @@ def test_model_list(client):
     assert model.id == "SmolLM2-135M-Instruct.Q4_1" and model.object == "model"
 
 
+@pytest.mark.slow
 def test_prefix_is_reused(client):
     doc = pydoc_text()[:3000]
     ask = [{"role": "user", "content": doc + "\n\nWhat is this about?"}]
@@ -142,30 +111,51 @@ def test_over_long_input_is_400_with_the_reason(client):
         client.completions.create(
             model="m", prompt=long_text, max_tokens=4, extra_body={"selfextend": {"group": 2, "window": 2048}}
         )
-    assert "reaches 14336" in str(err.value) and "--group 4 --window 2048" in str(err.value)
+    error = err.value.body
+    assert "reaches 14336" in error["message"] and error["param"] == "selfextend.group"
+    # worded in the request's own terms, not as command-line flags
+    assert "use selfextend.group=4, selfextend.window=2048" in error["message"] and "--" not in error["message"]
 
 
-def queued(server) -> int:
-    return httpx.get(f"{server}/v1/status", headers={"Authorization": f"Bearer {KEY}"}).json()["queued"]
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LONG = {"prompt": "1, 2, 3, 4,", "max_tokens": 3000, "temperature": 0}  # ~20 s or more to generate here
+
+
+def status(server) -> dict:
+    return httpx.get(f"{server}/v1/status", headers=AUTH).json()
+
+
+def seconds_until_idle(server, limit: float = 30) -> float:
+    """How long until no request is queued or running (``limit`` when it never gets there)."""
+    start = time.time()
+    while time.time() - start < limit:
+        now = status(server)
+        if now["queued"] == 0 and now["busy_slots"] == 0:
+            return time.time() - start
+        time.sleep(0.1)
+    return limit
 
 
 def test_disconnect_mid_stream_frees_the_server(server, client):
-    with httpx.stream(
-        "POST",
-        f"{server}/v1/completions",
-        headers={"Authorization": f"Bearer {KEY}"},
-        json={"prompt": "1, 2, 3, 4,", "max_tokens": 2000, "temperature": 0, "stream": True},
-        timeout=60,
-    ) as response:
-        lines = response.iter_lines()
+    with httpx.stream("POST", f"{server}/v1/completions", headers=AUTH, json={**LONG, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
         got = [next(lines) for _ in range(3)]
         assert any(line.startswith("data:") for line in got)
-    deadline = time.time() + 20  # 2000 tokens would take far longer than this on two cores
-    while time.time() < deadline and queued(server):
-        time.sleep(0.2)
-    assert queued(server) == 0
+        assert status(server)["busy_slots"] == 1  # generating
+    freed = seconds_until_idle(server)
+    assert freed < 5, f"the abandoned stream held its slot for {freed:.1f} s"
     reply = client.completions.create(model="m", prompt="Hello", max_tokens=3, temperature=0)
-    assert reply.choices[0].text is not None
+    assert reply.choices[0].text and reply.usage.completion_tokens > 0
+
+
+def test_an_abandoned_request_that_does_not_stream_frees_its_slot(server):
+    """The client gives up (a read timeout) and closes the connection: generation stops as for a stream."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", headers=AUTH, json=LONG, timeout=3)
+    freed = seconds_until_idle(server)
+    assert freed < 5, f"the abandoned request held its slot for {freed:.1f} s more"
+    reply = httpx.post(f"{server}/v1/completions", headers=AUTH, json={**LONG, "max_tokens": 4}, timeout=60)
+    assert reply.status_code == 200  # and the server goes on serving
 
 
 def test_burst_beyond_the_queue_gets_429_and_nothing_hangs(server):

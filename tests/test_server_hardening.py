@@ -13,20 +13,22 @@ import time
 import httpx
 import openai
 import pytest
-from test_server import KEY, start_server, stop_server
+from test_server import KEY
+
+from selfextend_local.testing import start_server, stop_server
 
 
 @pytest.fixture(scope="module")
 def open_server():
     """Loopback, no API key: the case DNS rebinding targets."""
-    proc, url = start_server("--queue-size", "4")
+    proc, url = start_server("--queue-size", "4", "--parallel", "1", "--ctx", "4096")
     yield url
     stop_server(proc)
 
 
 @pytest.fixture(scope="module")
 def keyed_server():
-    proc, url = start_server("--api-key", KEY, "--queue-size", "4")
+    proc, url = start_server("--api-key", KEY, "--queue-size", "4", "--parallel", "1", "--ctx", "4096")
     yield url
     stop_server(proc)
 
@@ -58,8 +60,12 @@ def test_a_foreign_host_header_is_refused_without_a_key(open_server):
     body = json.dumps({"prompt": "Hi", "max_tokens": 2})
     evil = post(open_server, "/v1/completions", body, Host=f"attacker.example:{port}")
     assert evil.status_code == 400 and evil.json()["error"]["code"] == "invalid_host"
-    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"LOCALHOST:{port}"):
         assert post(open_server, "/v1/completions", body, Host=host).status_code == 200, host
+    wrong_port = int(port) + 1 if int(port) < 65535 else int(port) - 1
+    for host in (f"localhost:{wrong_port}", "localhost", f"127.0.0.1:{port}0"):  # right name, wrong (or no) port
+        refused = post(open_server, "/v1/completions", body, Host=host)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_host", host
 
 
 def test_only_json_bodies_are_read(open_server):
@@ -122,33 +128,48 @@ def test_a_bad_setting_in_a_stream_is_a_400_before_the_stream(open_server, setti
     body = {"prompt": "Hi", "max_tokens": 4, "stream": True, "selfextend": setting}
     reply = post(open_server, "/v1/completions", json.dumps(body))
     assert reply.status_code == 400 and reply.headers["content-type"].startswith("application/json")
-    assert fragment in reply.json()["error"]["message"] and reply.json()["error"]["param"] == "selfextend"
+    error = reply.json()["error"]
+    assert fragment in error["message"] and error["param"] == "selfextend.window"
+    assert "--" not in error["message"]  # the request's own names, not the command line's
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_busy_server_promptly():
-    proc, url = start_server("--queue-size", "4")
+    proc, url = start_server("--queue-size", "4", "--parallel", "1")
     body = json.dumps({"prompt": "1, 2, 3,", "max_tokens": 4000, "temperature": 0, "stream": True})
+    outcomes: dict[int, list] = {i: [] for i in range(3)}
 
-    def long_stream():
+    def long_stream(i: int) -> None:
         try:
             with httpx.stream(
                 "POST", f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"}, timeout=60
             ) as reply:
-                for _ in reply.iter_lines():
-                    pass
-        except httpx.HTTPError:
-            pass
+                outcomes[i].append(reply.status_code)
+                for line in reply.iter_lines():
+                    if line.startswith("data:"):
+                        outcomes[i].append("data")
+        except httpx.HTTPError as exc:  # the server going away mid-stream is the expected end
+            outcomes[i].append(type(exc).__name__)
 
-    clients = [threading.Thread(target=long_stream) for _ in range(3)]  # one generating, two waiting
-    for c in clients:
+    clients = [threading.Thread(target=long_stream, args=(i,)) for i in range(3)]  # one generating, two waiting
+    clients[0].start()
+    deadline = time.time() + 30
+    while "data" not in outcomes[0] and time.time() < deadline:
+        time.sleep(0.1)
+    assert "data" in outcomes[0], f"the first stream never started: {outcomes[0]}"
+    for c in clients[1:]:
         c.start()
-    time.sleep(2)
+    time.sleep(1)
     start = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
     assert time.perf_counter() - start < 15
     for c in clients:
         c.join(timeout=10)
+    assert not any(c.is_alive() for c in clients), outcomes
+    # every client ended: its stream cut, or answered; none still waiting, none with a server error status
+    allowed = {"data", 200, 503, "RemoteProtocolError", "ReadError", "ConnectError"}
+    assert all(set(o) <= allowed and o for o in outcomes.values()), outcomes
 
 
 def test_a_port_in_use_is_one_line_and_nothing_claims_to_serve():
@@ -171,3 +192,63 @@ def test_ipv6_urls_have_brackets():
 
     assert url_for("::1", 8080) == "http://[::1]:8080"
     assert url_for("127.0.0.1", 80) == "http://127.0.0.1:80"
+
+
+def test_a_prompt_longer_than_a_slot_names_the_field_it_came_in():
+    """A slot of 1,024 cells: the 400 says so in the request's terms (prompt or messages), no flag."""
+    proc, url = start_server("--ctx", "1024", "--parallel", "1")
+    try:
+        long_text = "The grass is green. " * 400  # ~2k tokens
+        for path, body, param in [
+            ("/v1/completions", {"prompt": long_text, "max_tokens": 8}, "prompt"),
+            (
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": long_text}], "max_tokens": 8},
+                "messages",
+            ),
+        ]:
+            reply = post(url, path, json.dumps(body))
+            error = reply.json()["error"]
+            assert reply.status_code == 400 and error["param"] == param, error
+            assert "a slot holds 1024" in error["message"] and "--ctx" not in error["message"]
+        near = post(url, "/v1/completions", json.dumps({"prompt": "The grass is green. " * 180, "max_tokens": 900}))
+        error = near.json()["error"]
+        assert (
+            near.status_code == 400
+            and error["param"] == "max_tokens"
+            and "lower max_tokens to at most" in error["message"]
+        )
+    finally:
+        stop_server(proc)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "colours": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 4},
+    },
+    "required": ["name", "colours"],
+}
+
+
+def test_structured_output_over_http(keyed_server):
+    import jsonschema
+
+    client = openai.OpenAI(base_url=f"{keyed_server}/v1", api_key=KEY, max_retries=0, timeout=120)
+    ask = [{"role": "user", "content": "Describe a parrot as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "parrot", "schema": SCHEMA}}
+    reply = client.chat.completions.create(model="m", messages=ask, max_tokens=150, temperature=0, response_format=fmt)
+    jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+    city = [{"role": "user", "content": "Return a JSON object with keys city and country for Paris."}]
+    loose = client.chat.completions.create(
+        model="m", messages=city, max_tokens=150, temperature=0, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(loose.choices[0].message.content), dict)
+    bad = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/no"}}}},
+    }
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", messages=ask, max_tokens=4, response_format=bad)
+    assert err.value.body["param"] == "response_format"

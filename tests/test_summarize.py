@@ -13,20 +13,15 @@ import pytest
 from click.testing import CliRunner
 
 from selfextend_local.cli import main
-from selfextend_local.corpus import pydoc_text
-from selfextend_local.records import RecordLog
+from selfextend_local.tasks.corpus import pydoc_text
+from selfextend_local.tasks.records import RecordLog
+from selfextend_local.testing import make_text_files
 
 FAST = ["--temperature", "0", "-n", "8"]
 
 
 def make_files(folder, n=4, chars=1500):
-    text = pydoc_text()
-    files = []
-    for i in range(n):
-        path = folder / f"doc{i}.txt"
-        path.write_text(text[i * chars : (i + 1) * chars])
-        files.append(path)
-    return files
+    return make_text_files(folder, n, chars)
 
 
 def read_records(path):
@@ -63,7 +58,8 @@ def test_records_failures_and_resume(tmp_path, parallel):
     assert sorted(r["path"] for r in again) == sorted(inputs)  # one record per file, the stale one replaced
 
 
-@pytest.mark.parametrize("parallel", ["1", pytest.param("3", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["1", "3"])
 def test_kill_in_the_middle_then_resume(tmp_path, parallel):
     files = make_files(tmp_path, 6)
     out = tmp_path / "out.jsonl"
@@ -91,7 +87,8 @@ def test_torn_last_line_is_repaired(tmp_path):
     assert read_records(out) == [{"path": "a", "error": None}]
 
 
-@pytest.mark.parametrize("parallel", ["1", pytest.param("2", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["1", "2"])
 def test_long_file_goes_in_parts(tmp_path, parallel):
     path = tmp_path / "long.txt"
     path.write_text(pydoc_text()[:6000])
@@ -114,3 +111,65 @@ def test_custom_prompt_and_bad_prompt(tmp_path):
 def cli_cmd(files, out, *extra):
     cmd = [sys.executable, "-m", "selfextend_local.cli", "summarize", *map(str, files), "--out", str(out)]
     return cmd + [*FAST, *extra]
+
+
+def test_a_link_to_the_log_is_locked_as_the_log(tmp_path):
+    """`--out link.jsonl` where link.jsonl -> out.jsonl is the same log: the second run is refused."""
+    (path,) = make_files(tmp_path, 1)
+    out = tmp_path / "out.jsonl"
+    out.write_text("")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(out)
+    with RecordLog(out):  # a run holds the log
+        busy = run("summarize", str(path), "--out", str(link), *FAST)
+    assert busy.exit_code == 1 and "in use" in busy.stderr
+    done = run("summarize", str(path), "--out", str(link), *FAST)
+    assert done.exit_code == 0, done.output
+    assert link.is_symlink() and len(read_records(out)) == 1  # written through the link, the link kept
+
+
+SCHEMA = {  # bounded lengths: a small model's strings run on, and the grammar then never closes them
+    "type": "object",
+    "properties": {
+        "topic": {"type": "string", "maxLength": 80},
+        "keywords": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 5},
+    },
+    "required": ["topic", "keywords"],
+}
+
+
+@pytest.mark.parametrize("parallel", ["1", pytest.param("2", marks=pytest.mark.slow)])
+def test_schema_makes_each_summary_a_valid_object(tmp_path, parallel):
+    import jsonschema
+
+    files = make_files(tmp_path, 2)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    out = tmp_path / "out.jsonl"
+    args = ["--schema", str(schema), "--temperature", "0", "-n", "160", "--parallel", parallel]
+    done = run("summarize", *map(str, files), "--out", str(out), *args)
+    assert done.exit_code == 0, done.output
+    records = read_records(out)
+    assert len(records) == 2 and all(r["error"] is None for r in records)
+    for record in records:
+        jsonschema.validate(record["summary"], SCHEMA)  # stored parsed, not as text
+        assert record["settings"]["schema"] == SCHEMA
+    again = run("summarize", *map(str, files), "--out", str(out), *args)
+    assert "2 already done" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("{not json", "is not JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        (json.dumps({"type": "object", "properties": {"x": {"$ref": "#/missing"}}}), "cannot be turned into a grammar"),
+    ],
+)
+def test_a_schema_that_cannot_be_used_is_one_line(tmp_path, content, fragment):
+    (path,) = make_files(tmp_path, 1)
+    schema = tmp_path / "schema.json"
+    schema.write_text(content)
+    result = run("summarize", str(path), "--out", str(tmp_path / "o.jsonl"), "--schema", str(schema), *FAST)
+    assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "o.jsonl").exists()

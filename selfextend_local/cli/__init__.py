@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
+import sys
 
 import click
 
-from ..errors import BadInputError, Interrupted, SelfExtendError
+from ..engine.errors import BadInputError, Interrupted, SelfExtendError
 
 DEBUG_ENV = "SELFEXTEND_LOCAL_DEBUG"
 
@@ -45,9 +47,18 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit as a traceback
+            return result
+        except OSError as exc:
+            if exc.errno not in _OUTPUT_ERRNOS or _debug(ctx):
+                raise
+            _silence_stdout()
+            where = f" {exc.filename}" if exc.filename else " the output"
+            click.echo(f"Error: cannot write{where}: {exc.strerror or exc}", err=True)
+            ctx.exit(1)
         except SelfExtendError as exc:
-            if ctx.meta.get("selfextend.debug") or os.environ.get(DEBUG_ENV):
+            if _debug(ctx):
                 raise
             message = str(exc)
             if isinstance(exc, BadInputError):
@@ -56,6 +67,24 @@ class LazyGroup(click.Group):
                 click.echo(f"interrupted: {message}", err=True)
                 ctx.exit(130)
             raise click.ClickException(message) from None
+
+
+# Writing the answer failed: the disk is full, the reader of a pipe went away, the device broke.
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT, errno.EFBIG}
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.meta.get("selfextend.debug") or os.environ.get(DEBUG_ENV))
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so what is still buffered does not fail again (with a traceback) at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 @click.group(cls=LazyGroup)

@@ -81,6 +81,34 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+DEFAULT_PROGRESS_SECONDS = 10.0
+
+
+def progress_seconds() -> float:
+    """Seconds between progress lines off a terminal: $SELFEXTEND_LOCAL_PROGRESS_SECONDS, or 10 (with a
+    warning when the variable is not a number of seconds)."""
+    text = os.environ.get(PROGRESS_SECONDS_ENV)
+    if text is None:
+        return DEFAULT_PROGRESS_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 <= value < float("inf")):  # 0: a line at every step
+        _warn_once(f"warning: {PROGRESS_SECONDS_ENV}={text!r} is not a number of seconds (0 or more); using 10")
+        return DEFAULT_PROGRESS_SECONDS
+    return value
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log(message)
+
+
 class IngestProgress:
     """A ``(done, total)`` callback for long work, on stderr.
 
@@ -101,7 +129,7 @@ class IngestProgress:
         self.first = 0
         self.done = 0
         self.printed = float("-inf")
-        self.every = float(os.environ.get(PROGRESS_SECONDS_ENV, "10"))
+        self.every = progress_seconds()
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()

@@ -31,20 +31,23 @@ MAX_CACHE_GIB = 1 << 16
 
 
 def _cache(cache_dir: Path | None, cache_size: float):
-    from ..kvcache import KVCache
-    from ..settings import check_range
+    from ..engine.kvcache import KVCache
+    from ..engine.settings import check_range
 
     check_range("--cache-size", cache_size, 0, MAX_CACHE_GIB, low_open=True)
     return KVCache(cache_dir, int(cache_size * (1 << 30)))
+
+
+def _warn(doc) -> None:
+    for warning in doc.take_warnings():
+        log(f"warning: {warning}")
 
 
 def _answer(qa, question: str) -> None:
     last = render_stream(lambda progress, stop: qa.ask(question, progress, stop), "reading document")
     if last is not None:
         note(stats_line(last, qa.session.plan.describe()))
-    if qa.cache_warning:
-        log(f"warning: {qa.cache_warning}")
-        qa.cache_warning = None
+    _warn(qa)
 
 
 @click.command()
@@ -75,9 +78,9 @@ def qa(
     The document is ingested once; its state is cached on disk, so later questions, in this run or a later
     one, ingest only the question.
     """
-    from ..documents import read_document
-    from ..errors import BadInputError
-    from ..qa import DocumentQA
+    from ..engine.errors import BadInputError
+    from ..tasks.documents import read_document
+    from ..tasks.qa import DocumentQA
 
     questions = [q for q in ([question] if question else []) + list(more)]
     if any(not q.strip() for q in questions):
@@ -92,6 +95,7 @@ def qa(
         start = time.perf_counter()
         with ctrl_c_stops() as stop:
             source = doc.load(IngestProgress("reading document"), stop)
+        _warn(doc)
         seconds = time.perf_counter() - start
         n_doc = len(doc.doc_tokens)
         how = "restored from the cache" if source == "cache" else f"ingested at {n_doc / max(seconds, 1e-9):,.0f} tok/s"
@@ -113,8 +117,7 @@ def qa(
                     break
                 if line:
                     _answer(doc, line)
-    if doc.cache_warning:  # written when the document was closed
-        log(f"warning: {doc.cache_warning}")
+    _warn(doc)  # the entry is written when the document is closed
 
 
 @click.command()
@@ -131,6 +134,13 @@ def qa(
     "prompt_template",
     default=None,
     help="Instructions with {text} where the document goes. Default: a few-sentence summary.",
+)
+@click.option(
+    "--schema",
+    "schema_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A JSON schema: each summary is JSON that validates against it, stored parsed in the record.",
 )
 @click.option("--retry-failed", is_flag=True, help="Summarise again the files whose record is an error.")
 @click.option(
@@ -152,6 +162,13 @@ def qa(
 )
 @click.option("--workers", type=click.IntRange(1, 4096), default=None, help="Ray workers. Default: CPUs / --threads.")
 @click.option("--gpus", type=click.FloatRange(0, 64), default=0.0, help="GPUs for each Ray worker.")
+@click.option(
+    "--ray-timeout",
+    type=click.FloatRange(1, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds to reach the Ray cluster before giving up.",
+)
 @model_option
 @runtime_options
 @extend_options
@@ -161,11 +178,13 @@ def summarize(
     files,
     out,
     prompt_template,
+    schema_path,
     retry_failed,
     parallel,
     ray_address,
     workers,
     gpus,
+    ray_timeout,
     model,
     runtime,
     extend,
@@ -180,37 +199,48 @@ def summarize(
     files are summarised by Ray workers (each loads the model once; --threads is per worker, 1 by default)
     and this process writes the records as they arrive.
     """
-    from ..records import RecordLog
-    from ..summarize import DEFAULT_PROMPT, Summarizer, check_prompt, plan_files, run
+    from ..tasks.records import RecordLog
+    from ..tasks.summarize import DEFAULT_PROMPT, Summarizer, check_prompt, plan_files, run
 
     template = prompt_template or DEFAULT_PROMPT
     check_prompt(template)
+    schema = _read_schema(schema_path) if schema_path else None
     _make_folder(out.parent)
     if ray_address is not None:
-        from .ray import summarize_on_ray
+        from ..serving.distributed import Job
+        from .ray import RayOptions, summarize_on_ray
 
-        summarize_on_ray(
-            ray_address,
-            workers,
-            gpus,
-            files,
-            out,
-            template,
-            retry_failed,
-            parallel,
-            model,
-            runtime,
-            extend,
-            sampling,
-            _report,
-        )
+        job = Job(model, extend, sampling, template, runtime, parallel, schema)
+        summarize_on_ray(RayOptions(ray_address, workers, gpus, ray_timeout), job, files, out, retry_failed, _report)
         return
     with RecordLog(out) as record_log:
         llm = load_for_cli(model, runtime, verbose)
-        summarizer = Summarizer(llm, extend, runtime, sampling, template)
+        summarizer = Summarizer(llm, extend, runtime, sampling, template, schema=schema)
+        if schema is not None:
+            from ..engine.sampling import check_grammar
+
+            check_grammar(llm.vocab, summarizer.sampling_for(final=True).grammar)
         todo = plan_files(summarizer.signature(), list(files), record_log, retry_failed)
         with _engine_for(llm, runtime, extend, sampling, parallel, [path for path, _ in todo]) as engine:
             _report(run(summarizer, todo, engine), record_log, files, len(todo), out)
+
+
+def _read_schema(path: Path) -> dict:
+    """The JSON schema for --schema, checked now (one line if it cannot be read or turned into a grammar)."""
+    import json
+
+    from ..engine.errors import BadInputError
+    from ..engine.grammar import schema_grammar
+    from ..tasks.documents import read_text_file
+
+    try:
+        schema = json.loads(read_text_file(path))
+    except ValueError as exc:
+        raise BadInputError(f"--schema {path} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise BadInputError(f"--schema {path} must hold a JSON object (a JSON schema)")
+    schema_grammar(schema)
+    return schema
 
 
 def _engine_for(llm, runtime, extend, sampling, parallel: int, files):
@@ -219,15 +249,15 @@ def _engine_for(llm, runtime, extend, sampling, parallel: int, files):
 
     if parallel == 1 or not files:
         return nullcontext(None)
-    from .. import capacity
-    from ..batching import BatchEngine
-    from ..planning import CTX_ALIGN
+    from ..engine import capacity
+    from ..engine.planning import align_cells
+    from ..engine.slots import Engine
 
     largest = max((f.stat().st_size for f in files if f.is_file()), default=0)
-    need = -(-(largest + 512 + sampling.max_tokens) // CTX_ALIGN) * CTX_ALIGN  # a token is at least a byte
+    need = align_cells(largest + 512 + sampling.max_tokens)  # a token is at least a byte
     chosen = capacity.choose(llm, runtime, extend, parallel)
     cells = min(chosen.cells, need) if not runtime.ctx else chosen.cells
-    engine = BatchEngine(llm, chosen.slots, cells, runtime)
+    engine = Engine.create(llm, chosen.slots, cells, runtime)
     note(f"batched: {chosen.slots} slots of {engine.cells:,} cells")
     return engine
 
@@ -257,7 +287,7 @@ def _report(records, record_log, files, total: int, out: Path) -> None:
 
 
 def _make_folder(folder: Path) -> None:
-    from ..errors import BadInputError
+    from ..engine.errors import BadInputError
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -276,8 +306,8 @@ def cache_list(cache_dir: Path | None) -> None:
     """List cached documents, most recently used first."""
     import time
 
-    from ..info import format_table, human_size
-    from ..kvcache import KVCache
+    from ..engine.kvcache import KVCache
+    from ..tasks.info import format_table, human_size
 
     store = KVCache(cache_dir)
     rows = [["key", "size", "last used", "tokens", "model", "settings"]]
@@ -295,6 +325,8 @@ def cache_list(cache_dir: Path | None) -> None:
             ]
         )
     click.echo(format_table(rows, align_left=True))
+    for warning in store.warnings:
+        log(f"warning: {warning}")
     click.echo(f"\n{len(rows) - 1} entries in {store.root}", err=True)
 
 
@@ -302,7 +334,10 @@ def cache_list(cache_dir: Path | None) -> None:
 @cache_dir_option
 def cache_clear(cache_dir: Path | None) -> None:
     """Delete every cached document."""
-    from ..kvcache import KVCache
+    from ..engine.kvcache import KVCache
 
     store = KVCache(cache_dir)
-    log(f"removed {store.clear()} entries from {store.root}")
+    removed = store.clear()
+    for warning in store.warnings:
+        log(f"warning: {warning}")
+    log(f"removed {removed} entries from {store.root}")

@@ -14,7 +14,7 @@ from .run import load_for_cli
 
 
 def _ints(text: str, name: str) -> list[int]:
-    from ..errors import BadInputError
+    from ..engine.errors import BadInputError
 
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -26,7 +26,7 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 def _depths(text: str) -> list[float]:
-    from ..errors import BadInputError
+    from ..engine.errors import BadInputError
 
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -44,12 +44,21 @@ def _write(path: Path | None, text: str) -> None:
     import os
     import tempfile
 
+    path = Path(os.path.realpath(path))  # through a link to the file it names, never replacing the link
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
     log(f"wrote {path}")
+
+
+def _check_plotting(plot: Path | None) -> None:
+    """With --plot, fail now (not after the whole run) if matplotlib is missing."""
+    if plot is not None:
+        from ..extras import pyplot
+
+        pyplot()
 
 
 group_window = [
@@ -88,12 +97,13 @@ def _with(options):
 @log_options
 def passkey(lengths, depths, seeds, variants, methods, group, window, json_path, plot, model, runtime, verbose):
     """The paper's pass-key retrieval test over lengths x depths x seeds, methods side by side."""
-    from .. import passkey as pk
-    from ..baselines import default_setting, parse_methods
-    from ..errors import BadInputError
-    from ..info import format_table
+    from ..engine.errors import BadInputError
+    from ..evaluation import passkey as pk
+    from ..evaluation.baselines import default_setting, parse_methods
+    from ..tasks.info import format_table
 
     chosen = parse_methods(methods)
+    _check_plotting(plot)
     kinds = [v.strip() for v in variants.split(",") if v.strip()]
     if not kinds or any(v not in pk.VARIANTS for v in kinds):
         raise BadInputError(f"--variants: choose from {', '.join(pk.VARIANTS)}")
@@ -130,13 +140,14 @@ def passkey(lengths, depths, seeds, variants, methods, group, window, json_path,
 @log_options
 def ppl(file, n_tokens, bucket, methods, group, window, csv_path, json_path, plot, model, runtime, verbose):
     """Perplexity of FILE, overall and per position bucket, for several methods in one run."""
-    from ..baselines import default_setting, parse_methods
-    from ..documents import read_document
-    from ..errors import BadInputError
-    from ..info import format_table
-    from ..perplexity import compare_methods, ppl_csv, ppl_plot, ppl_rows
+    from ..engine.errors import BadInputError
+    from ..evaluation.baselines import default_setting, parse_methods
+    from ..evaluation.perplexity import compare_methods, ppl_csv, ppl_plot, ppl_rows
+    from ..tasks.documents import read_document
+    from ..tasks.info import format_table
 
     chosen = parse_methods(methods)
+    _check_plotting(plot)
     text = read_document(file)
     llm = load_for_cli(model, runtime, verbose)
     tokens = llm.tokenize(text)
@@ -208,74 +219,32 @@ def validate(
 
     Exit code 0 when mean KL <= --max-kl and top-1 agreement >= --min-top1, else 1: usable as a gate.
     """
-    from .. import passkey as pk
-    from ..baselines import default_setting
-    from ..corpus import pydoc_text
-    from ..documents import read_document
-    from ..errors import BadInputError
-    from ..generate import generate
-    from ..model import Model
-    from ..planning import Plan
-    from ..session import Session
-    from ..settings import SamplingSettings
-    from ..validate import Thresholds, compare_logits, summarize, verdict
+    from ..engine.errors import BadInputError
+    from ..engine.model import Model
+    from ..evaluation.validate import REPORTED, Thresholds
+    from ..evaluation.validate import validate as compare
+    from ..tasks.corpus import pydoc_text
+    from ..tasks.documents import read_document
 
     candidate = load_for_cli(model, runtime, verbose)
     ref = Model(reference, gpu_layers=runtime.gpu_layers)
-    if ref.info.architecture != candidate.info.architecture or ref.n_vocab != candidate.n_vocab:
-        raise BadInputError("--model and --reference are different models (architecture or vocabulary differ)")
     L = ref.info.n_ctx_train
     n = n_tokens or L + L // 8
-    text = read_document(text_file) if text_file else pydoc_text()
-    tokens = ref.tokenize(text)
+    tokens = ref.tokenize(read_document(text_file) if text_file else pydoc_text())
     if len(tokens) < n:
         raise BadInputError(f"the text has {len(tokens)} tokens, fewer than --tokens {n}")
-    tokens = tokens[:n]
-    setting = default_setting(ref, n, group, window)
-    plan = Plan(setting.group, setting.window, schedule, "auto", -(-n // 256) * 256, L, "validate")
-    log(f"comparing {candidate.path.name} with {ref.path.name} on {n} tokens, {schedule} G{plan.group} W{plan.window}")
-    (arrays,) = compare_logits([candidate], ref, tokens, plan, runtime, IngestProgress("comparing"))
-    stats = summarize(arrays)
-    agree = []
-    sampling = SamplingSettings(temperature=0, max_tokens=8)
-    for seed in range(passkey_trials):
-        trial = pk.Trial("digits", n, (seed + 0.5) / passkey_trials, seed, pk.make_key("digits", seed))
-        prompt = pk.trial_tokens(ref, trial)
-        answers = []
-        for m in (candidate, ref):
-            p = Plan(plan.group, plan.window, schedule, "auto", -(-(len(prompt) + 8) // 256) * 256, L, "validate")
-            with Session(m, p, runtime) as s:
-                answers.append(generate(s, prompt, sampling)[0].strip())
-        agree.append(answers[0] == answers[1])
-    stats["passkey_agreement"] = sum(agree) / len(agree) if agree else None
-    reasons = verdict(stats, Thresholds(max_kl, min_top1))
-    report = {
-        "candidate": str(candidate.path),
-        "reference": str(ref.path),
-        "tokens": n,
-        "group": plan.group,
-        "window": plan.window,
-        "schedule": schedule,
-        **stats,
-        "max_kl": max_kl,
-        "min_top1": min_top1,
-        "passed": not reasons,
-        "reasons": reasons,
-    }
-    for key in (
-        "mean_kl",
-        "p99_kl",
-        "top1_agreement",
-        "ppl_candidate",
-        "ppl_reference",
-        "ppl_ratio",
-        "passkey_agreement",
-    ):
-        value = stats[key]
+    log(f"comparing {candidate.path.name} with {ref.path.name} on {n} tokens, {schedule}")
+    thresholds = Thresholds(max_kl, min_top1)
+    setting = (group, window, schedule)
+    report = compare(
+        candidate, ref, tokens[:n], setting, runtime, thresholds, passkey_trials, IngestProgress("comparing")
+    )
+    for key in REPORTED:
+        value = report[key]
         click.echo(f"{key:18s} {'-' if value is None else f'{value:.4f}'}")
-    click.echo("PASS" if not reasons else "FAIL: " + "; ".join(reasons))
+    click.echo("PASS" if report["passed"] else "FAIL: " + "; ".join(report["reasons"]))
     _write(json_path, json.dumps(report, indent=1))
-    if reasons:
+    if not report["passed"]:
         sys.exit(1)
 
 
@@ -289,10 +258,10 @@ def convert() -> None:
 @click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
 def dequantize_cmd(source: Path, target: Path) -> None:
     """Write SOURCE (any GGUF) as an F16 GGUF at TARGET, every metadata key kept."""
-    from ..convert import rewrite_gguf
+    from ..evaluation.convert import rewrite_gguf
 
     if target.exists():
-        from ..errors import BadInputError
+        from ..engine.errors import BadInputError
 
         raise BadInputError(f"{target} exists; remove it or choose another name")
     (out,) = rewrite_gguf(source, target, to_f16=True, progress=IngestProgress("dequantizing tensors"))
@@ -306,7 +275,7 @@ def dequantize_cmd(source: Path, target: Path) -> None:
 @click.option("--threads", type=click.IntRange(0), default=0, help="0: llama.cpp's default.")
 def quantize_cmd(source: Path, out_dir: Path, types: str, threads: int) -> None:
     """Quantize SOURCE (F16/F32 GGUF) to each of --types, into OUT_DIR as STEM-TYPE.gguf."""
-    from ..convert import quantize
+    from ..evaluation.convert import quantize
 
     names = [t.strip().upper() for t in types.split(",") if t.strip()]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,10 +27,10 @@ def download(repo: str, quant: str | None, file_name: str | None, dest: Path | N
     Split models (-00001-of-0000N) are fetched together; an interrupted transfer resumes. HF_TOKEN is used
     for gated repositories; with HF_HUB_OFFLINE=1 only already-downloaded files are used.
     """
-    from ..errors import BadInputError
+    from ..engine.errors import BadInputError
+    from ..engine.model import Model
     from ..hub import download as fetch
-    from ..info import describe
-    from ..model import Model
+    from ..tasks.info import describe
 
     if quant and file_name:
         raise BadInputError("give --quant or --file, not both")
@@ -44,10 +44,10 @@ def download(repo: str, quant: str | None, file_name: str | None, dest: Path | N
 @log_options
 def models(verbose: bool) -> None:
     """List the local models (the bundled one and the models folder) with their key facts."""
-    from ..errors import SelfExtendError
-    from ..info import format_table, human_size
-    from ..model import Model
+    from ..engine.errors import SelfExtendError
+    from ..engine.model import Model
     from ..paths import bundled_model, local_models, models_dir
+    from ..tasks.info import format_table, human_size
 
     rows = [["model", "size", "quant", "architecture", "training context", "path"]]
     candidates = []

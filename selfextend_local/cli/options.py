@@ -8,7 +8,15 @@ from collections.abc import Callable
 
 import click
 
-from ..settings import DIVISIONS, KV_TYPES, SCHEDULES, ExtendSettings, RuntimeSettings, SamplingSettings
+from ..engine.settings import (
+    DIVISIONS,
+    FLASH_ATTN,
+    KV_TYPES,
+    SCHEDULES,
+    ExtendSettings,
+    RuntimeSettings,
+    SamplingSettings,
+)
 
 
 def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
@@ -69,13 +77,27 @@ runtime_options = _bundle(
         click.option(
             "--batch", type=int, default=512, show_default=True, help="Prompt tokens per decode (chunk size)."
         ),
-        click.option("--kv-type", type=click.Choice(KV_TYPES), default="f16", show_default=True, help="KV cache type."),
+        click.option(
+            "--kv-type",
+            type=click.Choice(KV_TYPES),
+            default="f16",
+            show_default=True,
+            help="KV cache type (K and V); q8_0 and q4_0 hold about 1.9x and 3.6x the tokens of f16.",
+        ),
+        click.option(
+            "--flash-attn",
+            type=click.Choice(FLASH_ATTN),
+            default="auto",
+            show_default=True,
+            help="llama.cpp's flash attention (needed to quantize V).",
+        ),
     ],
-    lambda ctx, threads, gpu_layers, batch, kv_type: RuntimeSettings(
+    lambda ctx, threads, gpu_layers, batch, kv_type, flash_attn: RuntimeSettings(
         ctx=ctx,
         gpu_layers=gpu_layers,
         batch=batch,
         kv_type=kv_type,
+        flash_attn=flash_attn,
         **({"threads": threads} if threads is not None else {}),
     ),
 )

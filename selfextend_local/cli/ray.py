@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
-from ..errors import BadInputError
+from ..engine.errors import BadInputError
 from .display import log, note
 
 _ADDRESS = re.compile(r"^(local|auto|ray://\S+|[\w.\-]+:\d+|\[[0-9a-fA-F:]+\]:\d+)$")
@@ -24,52 +25,39 @@ def check_address(address: str) -> str | None:
     return None if address == "local" else address
 
 
-def summarize_on_ray(
-    address,
-    workers,
-    gpus,
-    files,
-    out: Path,
-    template,
-    retry_failed,
-    parallel,
-    model,
-    runtime,
-    extend,
-    sampling,
-    report,
-) -> None:
-    from .. import distributed
-    from ..records import RecordLog
-    from ..summarize import plan_files
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a Ray run goes: ``--ray ADDRESS``, ``--workers``, ``--gpus``, ``--ray-timeout``."""
 
-    address = check_address(address)
+    address: str
+    workers: int | None
+    gpus: float
+    timeout: float
+
+
+def summarize_on_ray(options: RayOptions, job, files, out: Path, retry_failed: bool, report) -> None:
+    from ..serving import distributed
+    from ..tasks.records import RecordLog
+    from ..tasks.summarize import plan_files
+
+    address = check_address(options.address)
     threads_given = (
         click.get_current_context().get_parameter_source("threads") == click.core.ParameterSource.COMMANDLINE
     )
-    threads = runtime.threads if threads_given else 1
-    job = distributed.Job(
-        model,
-        extend,
-        sampling,
-        template,
-        threads,
-        runtime.gpu_layers,
-        runtime.batch,
-        runtime.kv_type,
-        runtime.ctx,
-        parallel,
-    )
+    threads = job.runtime.threads if threads_given else 1
+    job = replace(job, runtime=replace(job.runtime, threads=threads))
     with RecordLog(out) as record_log:
-        ray = distributed.connect(address)
+        ray = distributed.connect(address, options.timeout)
         try:
             cpus = int(ray.cluster_resources().get("CPU", 1))
-            workers = workers or max(1, cpus // threads)
+            workers, clamped = distributed.plan_workers(options.workers, cpus, threads)
+            if clamped:
+                log(clamped)
             log(f"Ray: {workers} workers x {threads} threads on a cluster of {cpus} CPUs")
             signature = distributed.signature_for(ray, job)
             todo = plan_files(signature, list(files), record_log, retry_failed)
             note(f"{len(todo)} of {len(files)} files to summarise")
-            records = distributed.run_on_ray(ray, job, todo, signature, workers, gpus)
+            records = distributed.run_on_ray(ray, job, todo, signature, workers, options.gpus)
             report(records, record_log, files, len(todo), out)
         finally:
             ray.shutdown()

@@ -7,21 +7,21 @@ from pathlib import Path
 
 import click
 
-from ..errors import BadInputError
+from ..engine.errors import BadInputError
 from .display import is_verbose, line_editing, log, note, read_line, render_stream, stats_line
 from .options import extend_options, log_options, model_option, runtime_options, sampling_options
 
 
 def load_for_cli(model_spec, runtime, verbose_flag: bool):
-    from .. import llama_log
-    from ..engine import load_model
+    from ..engine import llama_log
+    from ..locate import load_model
 
     ctx = click.get_current_context(silent=True)
     llama_log.set_echo(bool(ctx and ctx.meta.get("selfextend.llama_log")))
     model = load_model(model_spec, runtime)
     note(f"model: {model.path} ({model.info.architecture}, trained on {model.info.n_ctx_train} tokens)")
     if is_verbose():
-        from ..division import build_description
+        from ..engine.division import build_description
 
         note(f"llama.cpp: {build_description()}")
     return model
@@ -40,7 +40,7 @@ def describe_session(session) -> None:
 def info(model_arg: str | None, runtime, verbose: bool) -> None:
     """Show a model's architecture, training context, quantization, size, and what SelfExtend reaches,
     and which llama.cpp build is loaded with the division it gives."""
-    from ..info import describe
+    from ..tasks.info import describe
 
     model = load_for_cli(model_arg, runtime, verbose)
     click.echo(describe(model, runtime))
@@ -62,7 +62,7 @@ def build_llama(llama_version: str | None, no_cache: bool) -> None:
 
 
 def _read_prompt(prompt: str | None, file) -> str:
-    from ..documents import MAX_TEXT_BYTES, decode_text, read_bounded, read_text_file
+    from ..tasks.documents import MAX_TEXT_BYTES, decode_text, read_bounded, read_text_file
 
     if prompt is not None and file is not None:
         raise BadInputError("give the prompt as an argument or with --file, not both")
@@ -93,8 +93,8 @@ def _read_prompt(prompt: str | None, file) -> str:
 @log_options
 def generate(prompt, file, raw, system, model, runtime, extend, sampling, verbose) -> None:
     """Answer PROMPT (an argument, --file, or stdin), streamed to stdout."""
-    from ..engine import open_session
-    from ..generate import stream_generate
+    from ..engine.generate import stream_generate
+    from ..engine.session import open_session
 
     text = _read_prompt(prompt, file)
     llm = load_for_cli(model, runtime, verbose)
@@ -119,7 +119,7 @@ def generate(prompt, file, raw, system, model, runtime, extend, sampling, verbos
 @log_options
 def chat(system, model, runtime, extend, sampling, verbose) -> None:
     """Talk with the model. /reset starts over, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply."""
-    from ..chat import Conversation
+    from ..tasks.chat import Conversation
 
     llm = load_for_cli(model, runtime, verbose)
     conversation = Conversation(llm, extend, runtime, sampling, system)
@@ -164,7 +164,7 @@ def _chat_loop(conversation) -> None:
 
 
 def _chat_turn(conversation, text: str) -> None:
-    from ..errors import Interrupted, SelfExtendError
+    from ..engine.errors import Interrupted, SelfExtendError
 
     try:
         last = render_stream(lambda progress, stop: conversation.reply(text, progress, stop))

@@ -26,7 +26,7 @@ def _is_loopback(host: str) -> bool:
 
 def _bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port``, or a one-line error (port in use, unknown address)."""
-    from ..errors import SelfExtendError
+    from ..engine.errors import SelfExtendError
 
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
@@ -99,8 +99,8 @@ def serve(
     """
     import uvicorn
 
-    from .. import capacity
-    from ..server import ServerLimits, create_app, loopback_names
+    from ..engine import capacity
+    from ..serving.server import ServerLimits, create_app, loopback_hosts
 
     api_key = api_key or os.environ.get(API_KEY_ENV)
     llm = load_for_cli(model, runtime, verbose)
@@ -110,7 +110,7 @@ def serve(
     port = sock.getsockname()[1]
     if not _is_loopback(host) and not api_key:
         log(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
-    hosts = loopback_names(host) if _is_loopback(host) else None
+    hosts = loopback_hosts(host, port) if _is_loopback(host) else None
     app = create_app(llm, runtime, extend, api_key, limits, allowed_hosts=hosts)
     log(f"allocated {chosen.describe()}")
     log(f"serving {llm.path.name} on {url_for(host, port)}/v1 (queue {queue_size}, auth {'on' if api_key else 'off'})")

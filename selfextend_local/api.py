@@ -1,0 +1,466 @@
+"""``Llama``: llama-cpp-python's high-level API, with SelfExtend planned for every prompt.
+
+Code written for ``llama_cpp.Llama`` runs with only the import changed: the same constructor arguments
+(those we support), ``create_completion`` / ``__call__``, ``create_chat_completion`` (with the GGUF's
+chat template and ``response_format`` for JSON output), ``tokenize``, ``detokenize``, ``n_ctx`` and
+``from_pretrained``, returning the same dicts. A prompt longer than the training context is
+self-extended, as on the command line; ``batch`` runs many prompts together in one context. An argument we
+do not support raises an error that names it, unless its value is the one that changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .engine.errors import PYTHON, BadInputError, SelfExtendError
+from .engine.grammar import response_format_grammar
+from .engine.planning import Plan, align_cells, plan_for
+from .engine.sampling import Chunk, check_grammar
+from .engine.session import Session, run
+from .engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+from .engine.slots import Engine, Request
+from .serving.openai import Reply
+
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama-cpp-python's "no seed": a fresh one each call
+DEFAULT_ROOM = 512  # tokens to generate with max_tokens None when the context says nothing better
+
+# llama-cpp-python's arguments we do not support, with the value that changes nothing (accepted silently)
+_NEUTRAL_INIT = {
+    "split_mode": 1,
+    "main_gpu": 0,
+    "tensor_split": None,
+    "vocab_only": False,
+    "use_mmap": True,
+    "use_mlock": False,
+    "kv_overrides": None,
+    "n_ubatch": 512,
+    "n_threads_batch": None,
+    "rope_scaling_type": -1,
+    "pooling_type": -1,
+    "attention_type": -1,
+    "rope_freq_base": 0.0,
+    "rope_freq_scale": 0.0,
+    "yarn_ext_factor": -1.0,
+    "yarn_attn_factor": 1.0,
+    "yarn_beta_fast": 32.0,
+    "yarn_beta_slow": 1.0,
+    "yarn_orig_ctx": 0,
+    "logits_all": False,
+    "embedding": False,
+    "offload_kqv": True,
+    "flash_attn": False,
+    "op_offload": None,
+    "swa_full": None,
+    "no_perf": False,
+    "last_n_tokens_size": 64,
+    "lora_base": None,
+    "lora_scale": 1.0,
+    "lora_path": None,
+    "numa": False,
+    "chat_format": None,
+    "chat_handler": None,
+    "draft_model": None,
+    "tokenizer": None,
+    "type_k": None,
+    "type_v": None,
+    "spm_infill": False,
+}
+_NEUTRAL_CALL = {
+    "suffix": None,
+    "typical_p": 1.0,
+    "logprobs": None,
+    "top_logprobs": None,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repeat_penalty": 1.0,
+    "tfs_z": 1.0,
+    "mirostat_mode": 0,
+    "mirostat_tau": 5.0,
+    "mirostat_eta": 0.1,
+    "model": None,
+    "stopping_criteria": None,
+    "logits_processor": None,
+    "logit_bias": None,
+    "functions": None,
+    "function_call": None,
+    "tools": None,
+    "tool_choice": None,
+}
+
+
+def _refuse_unsupported(given: dict, neutral: dict, where: str) -> None:
+    """Raise, naming every argument that is unknown or that we cannot honour with the value given."""
+    unknown = sorted(k for k in given if k not in neutral)
+    if unknown:
+        raise TypeError(f"{where} got unexpected keyword arguments: {', '.join(unknown)}")
+    unsupported = sorted(k for k, v in given.items() if v != neutral[k])
+    if unsupported:
+        shown = ", ".join(f"{k}={given[k]!r}" for k in unsupported)
+        raise BadInputError(f"selfextend_local.Llama does not support {shown} in {where}; leave them out")
+
+
+@contextmanager
+def _python_names() -> Iterator[None]:
+    """Errors name settings as this API's arguments (``group=8``, ``n_ctx``), not as command-line flags."""
+    try:
+        yield
+    except SelfExtendError as exc:
+        exc.naming = PYTHON
+        raise
+
+
+def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
+
+
+def _grammar_text(grammar) -> str | None:
+    """A GBNF string, or llama-cpp-python's LlamaGrammar (its text), or None."""
+    if grammar is None or isinstance(grammar, str):
+        return grammar
+    text = getattr(grammar, "_grammar", None)
+    if not isinstance(text, str):
+        raise BadInputError("grammar must be GBNF text or a llama_cpp.LlamaGrammar", param="grammar")
+    return text
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One prompt ready to run: its tokens and sampling, and how its reply is shaped."""
+
+    tokens: list[int]
+    sampling: SamplingSettings
+    reply: Reply
+    echo: str = ""
+
+
+class Llama:
+    """A GGUF model with SelfExtend, behind llama-cpp-python's high-level API.
+
+    ``model_path`` defaults to the bundled SmolLM2-135M (a path, a registry name or ``REPO:QUANT`` also
+    work). ``n_ctx`` is the KV cells to allocate; None or 0 plans them for each prompt. ``group``,
+    ``window``, ``schedule`` and ``division`` are SelfExtend's (None: planned for each prompt's length).
+    ``verbose`` shows llama.cpp's own log.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        *,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        n_batch: int = 512,
+        seed: int = LLAMA_DEFAULT_SEED,
+        verbose: bool = False,
+        group: int | None = None,
+        window: int | None = None,
+        schedule: str = "neighbor",
+        division: str = "auto",
+        kv_type: str = "f16",
+        **kwargs,
+    ) -> None:
+        from .engine import llama_log
+        from .locate import load_model
+
+        _refuse_unsupported(kwargs, _NEUTRAL_INIT, "Llama()")
+        with _python_names():
+            threads = {"threads": n_threads} if n_threads else {}
+            self.runtime = RuntimeSettings(
+                n_ctx or None, gpu_layers=n_gpu_layers, batch=n_batch, kv_type=kv_type, **threads
+            )
+            self.extend = ExtendSettings(group, window, schedule, division)
+            llama_log.set_echo(verbose)
+            self.model = load_model(model_path, self.runtime)
+        self.model_path = str(self.model.path)
+        self.verbose = verbose
+        self.seed = None if seed in (LLAMA_DEFAULT_SEED, -1) else seed
+        self._session: Session | None = None
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str | None = None, **kwargs) -> Llama:
+        """Download ``filename`` (a name or a glob such as ``*Q4_K_M.gguf``) from ``repo_id`` on the
+        Hugging Face hub, once, into the models folder, and load it."""
+        from .hub import download
+
+        for ignored in ("additional_files", "local_dir", "local_dir_use_symlinks", "cache_dir"):
+            if kwargs.pop(ignored, None) is not None:
+                raise BadInputError(f"selfextend_local.Llama.from_pretrained does not support {ignored}")
+        with _python_names():
+            path = download(repo_id, file=filename)
+        return cls(path, **kwargs)
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def __enter__(self) -> Llama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- tokens ---------------------------------------------------------------------------------
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.model.tokenize(text.decode("utf-8", errors="replace"), add_bos, special)
+
+    def detokenize(
+        self, tokens: Sequence[int], prev_tokens: Sequence[int] | None = None, special: bool = False
+    ) -> bytes:
+        pieces = (self.model.special_text(t).encode() if special else self.model.piece(t) for t in tokens)
+        return b"".join(pieces)
+
+    def n_ctx(self) -> int:
+        """Cells a prompt and its reply may take: ``n_ctx`` if given, else what the model's SelfExtend
+        setting reaches."""
+        from .engine.capacity import default_cells
+
+        return self.runtime.ctx or default_cells(self.model, self.extend)
+
+    # -- completions ----------------------------------------------------------------------------
+
+    def __call__(self, prompt: str | list[int], **kwargs):
+        return self.create_completion(prompt, **kwargs)
+
+    def create_completion(
+        self,
+        prompt: str | list[int],
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        echo: bool = False,
+        stop: str | list[str] | None = None,
+        top_k: int = 40,
+        stream: bool = False,
+        seed: int | None = None,
+        grammar=None,
+        **kwargs,
+    ):
+        """Text after ``prompt`` (a string, whose special tokens are parsed as llama-cpp-python does, or
+        tokens): a ``text_completion`` dict, or an iterator of them with ``stream``."""
+        _refuse_unsupported(kwargs, _NEUTRAL_CALL, "create_completion()")
+        with _python_names():
+            tokens = self.model.tokenize(prompt, parse_special=True) if isinstance(prompt, str) else list(prompt)
+            if not tokens:
+                raise BadInputError("the prompt is empty; give some text", param="input")
+            sampling = self._sampling(len(tokens), max_tokens, temperature, top_p, min_p, top_k, stop, seed, grammar)
+            echoed = (prompt if isinstance(prompt, str) else self.model.detokenize(tokens)) if echo else ""
+            call = _Call(tokens, sampling, Reply.new(self.model_path, chat=False), echoed)
+        return self._stream(call) if stream else self._whole(call)
+
+    def create_chat_completion(
+        self,
+        messages: list[dict],
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        stream: bool = False,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        response_format: dict | None = None,
+        max_tokens: int | None = None,
+        grammar=None,
+        **kwargs,
+    ):
+        """The assistant's reply to ``messages`` through the GGUF's chat template: a ``chat.completion``
+        dict, or ``chat.completion.chunk`` dicts with ``stream``. ``response_format`` ``json_object`` or
+        ``json_schema`` constrains the reply to JSON (that validates against the schema)."""
+        _refuse_unsupported(kwargs, _NEUTRAL_CALL, "create_chat_completion()")
+        with _python_names():
+            tokens = self._chat_tokens(messages)
+            if response_format is not None:
+                if grammar is not None:
+                    raise BadInputError("give response_format or grammar, not both", param="grammar")
+                grammar = response_format_grammar(response_format)
+            sampling = self._sampling(len(tokens), max_tokens, temperature, top_p, min_p, top_k, stop, seed, grammar)
+            call = _Call(tokens, sampling, Reply.new(self.model_path, chat=True))
+        return self._stream(call) if stream else self._whole(call)
+
+    def _chat_tokens(self, messages: list[dict]) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise BadInputError("messages must be a non-empty list of {role, content} dicts", param="messages")
+        plain = [{"role": m["role"], "content": _content(m)} for m in messages]
+        if self.model.info.chat_template:
+            return self.model.chat_tokens(plain)
+        return self.model.tokenize("\n".join(m["content"] for m in plain))
+
+    def _sampling(self, n_prompt, max_tokens, temperature, top_p, min_p, top_k, stop, seed, grammar):
+        text = _grammar_text(grammar)
+        if text is not None:
+            check_grammar(self.model.vocab, text)
+        return SamplingSettings(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seed=self.seed if seed is None else seed,
+            max_tokens=self._room(n_prompt) if not max_tokens or max_tokens <= 0 else max_tokens,
+            stop=_stops(stop),
+            grammar=text,
+        )
+
+    def _room(self, n_prompt: int) -> int:
+        """max_tokens None: what is left of n_ctx, or of the training context, or a fixed amount."""
+        limit = self.runtime.ctx or self.model.info.n_ctx_train
+        return limit - n_prompt if limit > n_prompt else DEFAULT_ROOM
+
+    # -- running --------------------------------------------------------------------------------
+
+    def _session_for(self, call: _Call) -> Session:
+        """A session planned for the call: the current one when its plan and cells serve (prefix reuse
+        across calls), else a new one."""
+        n_new = call.sampling.max_tokens
+        plan = plan_for(self.model, len(call.tokens) + n_new, self.extend, self.runtime, generate=n_new)
+        current = self._session
+        if current is not None and _same(current.plan, plan) and plan.n_ctx <= current.n_ctx:
+            return current
+        self.close()
+        self._session = Session(self.model, plan, self.runtime)
+        return self._session
+
+    def _chunks(self, call: _Call) -> Iterator[Chunk]:
+        with _python_names():
+            session = self._session_for(call)
+            yield from run(session, Request(call.tokens, call.sampling))
+
+    def _whole(self, call: _Call) -> dict:
+        parts, last = [call.echo], None
+        for last in self._chunks(call):
+            parts.append(last.text)
+        return call.reply.whole("".join(parts), last, len(call.tokens))
+
+    def _stream(self, call: _Call) -> Iterator[dict]:
+        """Chunks as llama-cpp-python streams them: for a chat the role first, then the content, then an
+        empty delta with the finish reason; for a completion the text (after the echo), the last with it."""
+        reply = call.reply
+        if reply.chat:
+            yield reply.delta({"role": "assistant"})
+        elif call.echo:
+            yield reply.piece(call.echo)
+        for chunk in self._chunks(call):
+            if chunk.text:
+                yield reply.delta({"content": chunk.text}) if reply.chat else reply.piece(chunk.text)
+            if chunk.finish_reason is not None:
+                finish = "length" if chunk.finish_reason == "length" else "stop"
+                yield reply.delta({}, finish) if reply.chat else reply.piece("", finish=finish)
+
+    # -- many prompts ---------------------------------------------------------------------------
+
+    def batch(
+        self,
+        prompts: Sequence[str | list[dict]],
+        parallel: int = 4,
+        progress: Callable[[int, int], None] | None = None,
+        **kwargs,
+    ) -> list[dict]:
+        """Answer every prompt (a string: a completion; a list of messages: a chat completion), up to
+        ``parallel`` decoded together in one context, each with its own SelfExtend plan. Returns the
+        responses in the order of ``prompts``; ``progress(done, total)`` after each one finishes.
+        ``kwargs`` are those of ``create_completion`` / ``create_chat_completion`` (without ``stream``)."""
+        with _python_names():
+            calls = [self._prepare(p, kwargs) for p in prompts]
+            return _run_batch(self.model, self.runtime, self.extend, calls, parallel, progress)
+
+    def _prepare(self, prompt, kwargs: dict) -> _Call:
+        options = dict(kwargs)
+        if options.pop("stream", False):
+            raise BadInputError("batch() does not stream; leave stream out", param="stream")
+        chat = not isinstance(prompt, str)
+        defaults = {"temperature": 0.2 if chat else 0.8, "top_p": 0.95, "min_p": 0.05, "top_k": 40}
+        options = {**defaults, **options}
+        fmt = options.pop("response_format", None)
+        grammar = response_format_grammar(fmt) if fmt is not None else options.pop("grammar", None)
+        echo = options.pop("echo", False)
+        max_tokens = options.pop("max_tokens", None if chat else 16)
+        stop, seed = options.pop("stop", None), options.pop("seed", None)
+        picks = {k: options.pop(k) for k in ("temperature", "top_p", "min_p", "top_k")}
+        _refuse_unsupported(options, _NEUTRAL_CALL, "batch()")
+        tokens = self._chat_tokens(prompt) if chat else self.model.tokenize(prompt, parse_special=True)
+        sampling = self._sampling(
+            len(tokens),
+            max_tokens,
+            picks["temperature"],
+            picks["top_p"],
+            picks["min_p"],
+            picks["top_k"],
+            stop,
+            seed,
+            grammar,
+        )
+        return _Call(tokens, sampling, Reply.new(self.model_path, chat), prompt if echo and not chat else "")
+
+
+def _same(a: Plan, b: Plan) -> bool:
+    return (a.group, a.window, a.schedule, a.division) == (b.group, b.window, b.schedule, b.division)
+
+
+def _content(message: dict) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(p.get("text", "") for p in content)
+    raise BadInputError("message content must be text (a string or text parts)", param="messages")
+
+
+def _run_batch(model, runtime, extend, calls: list[_Call], parallel: int, progress) -> list[dict]:
+    """Every call in one context of up to ``parallel`` slots; responses in the order of ``calls``."""
+    from .engine import capacity
+
+    if not calls:
+        return []
+    needed = max(align_cells(len(c.tokens) + c.sampling.max_tokens) for c in calls)
+    chosen = capacity.choose(model, runtime, extend, slots=min(parallel, len(calls)), cells=runtime.ctx or needed)
+    results: list[dict | None] = [None] * len(calls)
+    with Engine.create(model, chosen.slots, chosen.cells, runtime) as engine:
+        requests = [_BatchItem(i, call, results, engine, extend) for i, call in enumerate(calls)]  # planned now
+        waiting = list(reversed(requests))
+        done = 0
+        while waiting or engine.active:
+            while waiting and engine.free:
+                engine.add(waiting.pop().request)
+            engine.step()
+            for item in requests:
+                if item.error is not None:
+                    raise item.error
+            finished = sum(r is not None for r in results)
+            if progress and finished > done:
+                done = finished
+                progress(done, len(calls))
+    return results
+
+
+class _BatchItem:
+    """One call of a batch: its request (planned when made, so a prompt that cannot fit fails before any
+    work) and where its response goes."""
+
+    def __init__(self, index: int, call: _Call, results: list, engine: Engine, extend: ExtendSettings) -> None:
+        self.index, self.call, self.results = index, call, results
+        self.parts: list[str] = [call.echo]
+        self.error: Exception | None = None
+        self.request = Request(call.tokens, call.sampling, extend, on_chunk=self.on_chunk, on_error=self.on_error)
+        self.request.plan = engine.plan(self.request)
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        self.parts.append(chunk.text)
+        if chunk.finish_reason is not None:
+            self.results[self.index] = self.call.reply.whole("".join(self.parts), chunk, len(self.call.tokens))
+
+    def on_error(self, exc: Exception) -> None:
+        self.error = exc

@@ -1,0 +1,121 @@
+"""The common case: a context of its own holding one sequence, served through a one-slot engine.
+
+Everything a :class:`Session` decodes goes through :mod:`.slots` (one busy slot), as every batched request
+does: :func:`run` drives a request to its end and yields its chunks; ``ingest`` and ``prefill`` read
+tokens into the session without generating.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Seq
+
+from .context import Context, RopeOverride
+from .errors import ModelError
+from .model import Model
+from .planning import Plan, plan_for
+from .sampling import Chunk
+from .sequence import Sequence, chunk_size
+from .settings import ExtendSettings, RuntimeSettings
+from .slots import Engine, LogitsSink, Progress, Request, Slot
+
+
+class Session(Sequence):
+    """A context of its own holding one sequence (sequence 0)."""
+
+    def __init__(
+        self, model: Model, plan: Plan, runtime: RuntimeSettings | None = None, rope: RopeOverride | None = None
+    ) -> None:
+        runtime = runtime or RuntimeSettings()
+        if plan.extended and (reason := model.info.extendable_reason):
+            raise ModelError("cannot self-extend {name}: {reason}", name=model.path.name, reason=reason)
+        batch = chunk_size(plan, runtime.batch, runtime.batch)
+        context = Context(model, plan.n_ctx, runtime, 1, rope, batch=batch)
+        try:
+            super().__init__(context, 0, plan)
+        except BaseException:
+            context.close()
+            raise
+        self.rope = rope
+
+    def close(self) -> None:
+        self.context.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ingest(
+        self,
+        tokens: Seq[int],
+        progress: Progress | None = None,
+        on_logits: LogitsSink | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        """Append ``tokens`` in chunks. ``progress(done, total)`` after each chunk; with ``on_logits``,
+        every token's logits as ``on_logits(offset, rows)`` (``offset`` indexes ``tokens``); ``should_stop``
+        is polled between chunks (raises Interrupted)."""
+        if not tokens:
+            return
+        base = len(self.tokens)
+        shifted = (lambda done, total: progress(done - base, total - base)) if progress else None
+        request = Request(list(self.tokens) + list(tokens), generate=False, prompt_logits=on_logits, progress=shifted)
+        for _ in run(self, request, should_stop):
+            pass
+
+    def prefill(
+        self, tokens: Seq[int], progress: Progress | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> int:
+        """Make the sequence equal ``tokens``, reusing the longest cached prefix; returns tokens reused."""
+        request = Request(list(tokens), generate=False, progress=progress)
+        engine, slot = _one_slot(self, request)
+        for _ in _drive(engine, request, should_stop):
+            pass
+        return slot.reused
+
+
+def run(session: Session, request: Request, should_stop: Callable[[], bool] | None = None) -> Iterator[Chunk]:
+    """Serve ``request`` in the session (its one slot) and yield its chunks; errors are raised, and a stop
+    while the prompt is read raises Interrupted."""
+    engine, _ = _one_slot(session, request)
+    yield from _drive(engine, request, should_stop)
+
+
+def _one_slot(session: Session, request: Request) -> tuple[Engine, Slot]:
+    request.plan = session.plan
+    engine = Engine(session.context, [session])
+    return engine, engine.add(request)
+
+
+def _drive(engine: Engine, request: Request, should_stop: Callable[[], bool] | None) -> Iterator[Chunk]:
+    chunks: deque[Chunk] = deque()
+    errors: list[Exception] = []
+    request.on_chunk, request.on_error = chunks.append, errors.append
+    if should_stop is not None:
+        request.cancelled = should_stop
+    try:
+        while engine.active:
+            engine.step()
+            while chunks:
+                yield chunks.popleft()
+            if errors:
+                raise errors[0]
+    finally:
+        engine.close()
+
+
+def open_session(
+    model: Model,
+    n_tokens: int,
+    extend: ExtendSettings | None = None,
+    runtime: RuntimeSettings | None = None,
+    rope: RopeOverride | None = None,
+    generate: int = 0,
+) -> Session:
+    """A session sized and planned for ``n_tokens`` (the prompt plus the ``generate`` tokens to generate)."""
+    runtime = runtime or RuntimeSettings()
+    chosen = plan_for(model, n_tokens, extend or ExtendSettings(), runtime, generate)
+    return Session(model, chosen, runtime, rope)

@@ -1,0 +1,351 @@
+"""The one slot loop: every generation, single or batched, is requests served by slots of a context.
+
+A :class:`Slot` owns a :class:`~.sequence.Sequence` and serves one :class:`Request` at a time: it keeps
+the longest cached prefix of the prompt, reads the rest in chunks, holds the sequence's grouping after the
+prompt, samples with the request's own settings and streams its chunks. An :class:`Engine` has a slot for
+each sequence of its context, and each :meth:`Engine.step` is one ``llama_decode`` holding one token for
+each slot that is generating and, in what room is left of ``n_batch``, prompt chunks of those still
+reading theirs. Requests join between steps; one that finishes or is cancelled frees its slot at once.
+
+One request alone is one busy slot (:mod:`.generate` drives a one-slot engine over a session), as in
+llama.cpp's server, so prefix reuse, chunking, the hold, sampling and streaming exist once.
+
+Make and step an engine on one thread: llama.cpp's CPU threads belong to the thread that first decodes,
+and a second set idling beside them (the engine made on one thread, stepped on another) halved the decode
+speed on two cores.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from . import kshift
+from .context import Context, Span
+from .errors import EngineError, Interrupted, SelfExtendError
+from .model import Model
+from .planning import Plan, plan_for
+from .sampling import Chunk, Sampler, TextStream
+from .sequence import Sequence
+from .settings import ExtendSettings, RuntimeSettings, SamplingSettings
+
+Progress = Callable[[int, int], None]
+LogitsSink = Callable[[int, np.ndarray], None]
+
+
+def _ignore(*_) -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt to serve.
+
+    Callbacks run on the engine's thread: ``on_start`` when it takes a slot, then ``on_chunk`` for every
+    chunk (the last one has a finish reason) or ``on_error`` once, then ``on_finish``; ``cancelled()`` is
+    polled before every step. ``plan`` is computed once, by :meth:`Engine.plan` (a caller may do it early,
+    to refuse a request before it waits). With ``generate`` False the prompt is only read (evaluations,
+    documents): ``prompt_logits(offset, rows)`` then receives every prompt token's logits, chunk by chunk.
+    """
+
+    prompt: list[int]
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    extend: ExtendSettings = field(default_factory=ExtendSettings)
+    plan: Plan | None = None
+    on_chunk: Callable[[Chunk], None] = _ignore
+    on_error: Callable[[Exception], None] = _ignore
+    on_finish: Callable[[], None] = _ignore
+    on_start: Callable[[], None] = _ignore
+    cancelled: Callable[[], bool] = _never
+    on_logits: Callable[[np.ndarray], None] | None = None  # the logits each token is sampled from
+    progress: Progress | None = None  # (done, total) over the prompt, reused tokens included
+    generate: bool = True
+    prompt_logits: LogitsSink | None = None
+
+
+class Slot:
+    """A sequence and the request it is serving, if any."""
+
+    def __init__(self, index: int, sequence: Sequence | None = None) -> None:
+        self.index = index
+        self.sequence = sequence
+        self.request: Request | None = None
+        self.pending: list[int] = []  # prompt tokens still to decode
+        self.next_token: int | None = None  # sampled, to be decoded next step
+        self.sampler: Sampler | None = None
+        self.stream: TextStream | None = None
+        self.reused = 0
+        self.started = 0.0
+        self.last_used = 0.0
+        self.staged: list[int] = []
+        self.output: int | None = None  # batch index of this slot's last token in the latest decode
+
+    @property
+    def busy(self) -> bool:
+        return self.request is not None
+
+    def start(self, request: Request) -> None:
+        """Serve ``request``: keep what the sequence holds of its prompt, read the rest from the next step."""
+        self.request = request
+        self.reused = self.sequence.reuse(request.prompt)
+        self.pending = list(request.prompt[self.reused :])
+        self.sampler = Sampler(request.sampling, self.sequence.model.vocab) if request.generate else None
+        self.stream = None
+        self.next_token = None
+        self.started = time.perf_counter()
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def token_span(self) -> Span:
+        """The generated token to decode this step."""
+        return self._stage([self.next_token], "last")
+
+    def prompt_span(self, room: int) -> Span | None:
+        """The next prompt chunk, if a whole one fits in ``room`` tokens."""
+        part = self.pending[: self.sequence.chunk]
+        if len(part) > room:
+            return None
+        last = len(part) == len(self.pending)
+        request = self.request
+        logits = "all" if request.prompt_logits else "last" if last else "none"
+        return self._stage(part, logits)
+
+    def _stage(self, tokens: list[int], logits: str) -> Span:
+        start = self.sequence.stage(len(tokens))
+        self.staged = tokens
+        return Span(tokens, start, self.index, logits)
+
+    def decoded(self, context: Context, first: int) -> bool:
+        """Take the step's result (this slot's tokens were batch indices ``first``..); True when the request
+        is over."""
+        tokens, self.staged = self.staged, []
+        self.sequence.commit(tokens)
+        request = self.request
+        if self.next_token is not None:
+            self.next_token = None
+            return self._sample(context, first)
+        del self.pending[: len(tokens)]
+        if request.prompt_logits:
+            request.prompt_logits(
+                len(request.prompt) - self.reused - len(self.pending) - len(tokens), context.logits(first, len(tokens))
+            )
+        if request.progress:
+            request.progress(len(request.prompt) - len(self.pending), len(request.prompt))
+        if self.pending:
+            return False
+        if not request.generate:
+            return True
+        self._begin_reply()
+        return self._sample(context, first + len(tokens) - 1)
+
+    def _begin_reply(self) -> None:
+        """The prompt is in: hold the grouping for the reply, so it moves no cell (when it fits the trained
+        positions) and a later prompt that extends this one reuses all of it."""
+        request, sequence = self.request, self.sequence
+        prompt_seconds = time.perf_counter() - self.started
+        model = sequence.model
+        self.stream = TextStream(model, request.sampling, len(request.prompt), self.reused, prompt_seconds)
+        if sequence.held is None:
+            sequence.hold(request.sampling.max_tokens)
+
+    def _sample(self, context: Context, index: int) -> bool:
+        request = self.request
+        if request.on_logits:
+            request.on_logits(context.logits(index)[0])
+        token = self.sampler.sample(context.ctx, index)
+        for chunk in self.stream.push(token):
+            request.on_chunk(chunk)
+        if self.stream.finish is None:
+            self.next_token = token
+            return False
+        return True
+
+    def cancel(self) -> None:
+        """End the request now: an interrupted last chunk, or an Interrupted error while it was reading."""
+        request = self.request
+        if self.stream is not None:
+            request.on_chunk(self.stream.end("interrupted"))
+        elif request.generate or self.pending:
+            done = len(request.prompt) - len(self.pending)
+            request.on_error(Interrupted(f"stopped after {done} of {len(request.prompt)} tokens"))
+
+    def release(self) -> Request | None:
+        """The request is over; the cells stay for reuse, but the slot is free from now on."""
+        request = self.request
+        if self.sampler is not None:
+            self.sampler.close()
+        self.request = self.sampler = self.stream = None
+        self.pending, self.next_token, self.staged = [], None, []
+        self.last_used = time.perf_counter()
+        return request
+
+
+class Engine:
+    """Slots over the sequences of one context, decoded together; ``owns_context``: closing the engine
+    closes the context."""
+
+    def __init__(self, context: Context, sequences: list[Sequence] | None = None, owns_context: bool = False) -> None:
+        self.context = context
+        self.model = context.model
+        self.runtime = context.runtime
+        self.owns_context = owns_context
+        given = sequences or []
+        self.slots = [Slot(i, given[i] if i < len(given) else None) for i in range(context.n_seq)]
+        self.steps = 0
+        self._cells = context.cells  # read once: plan() may be called from another thread
+
+    @classmethod
+    def create(cls, model: Model, n_slots: int, cells: int, runtime: RuntimeSettings | None = None) -> Engine:
+        """``n_slots`` sequences of ``cells`` KV cells each in a context of their own."""
+        runtime = runtime or RuntimeSettings()
+        # room for a whole prompt chunk beside one generated token a slot: a sequence is read in the chunks
+        # it would be read in alone, so its grouping (and its output) does not depend on its neighbours
+        context = Context(model, cells, runtime, n_slots, batch=runtime.batch + n_slots)
+        try:
+            if model.info.extendable_reason is None and kshift.check(model, runtime).safe:
+                context.divider("auto")  # the probe needs an empty sequence 0: now, before any request
+        except BaseException:
+            context.close()
+            raise
+        return cls(context, owns_context=True)
+
+    def close(self) -> None:
+        for slot in self.slots:
+            if slot.busy:
+                slot.release()
+            if self.owns_context:
+                self._forget(slot)
+        if self.owns_context:
+            self.context.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def cells(self) -> int:
+        return self._cells
+
+    @property
+    def free(self) -> int:
+        return sum(not s.busy for s in self.slots)
+
+    @property
+    def active(self) -> int:
+        return sum(s.busy for s in self.slots)
+
+    def plan(self, request: Request) -> Plan:
+        """The plan a request gets, within a slot's cells; raises InputTooLongError and the like (pure)."""
+        n_new = request.sampling.max_tokens if request.generate else 0
+        n_tokens = len(request.prompt) + n_new
+        runtime = replace(self.runtime, ctx=None)  # a slot's cells are fixed: the room, not --ctx, is the limit
+        return plan_for(self.model, n_tokens, request.extend, runtime, generate=n_new, room=self.cells)
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def add(self, request: Request) -> Slot:
+        """Start ``request`` in a free slot (the one whose cache shares the longest prefix with it, else
+        the least recently used), planning it if it is not yet. Raises SelfExtendError for a request that
+        cannot be served, and EngineError when no slot is free."""
+        if not request.prompt:
+            raise EngineError("nothing to ingest: the prompt is empty")
+        if request.plan is None:
+            request.plan = self.plan(request)
+        slot = self._choose(request.prompt, request.plan)
+        if slot.sequence is None or _key(slot.sequence.plan) != _key(request.plan):
+            self._forget(slot)
+            slot.sequence = Sequence(self.context, slot.index, request.plan)
+        slot.start(request)
+        request.on_start()
+        return slot
+
+    def _choose(self, prompt: list[int], plan: Plan) -> Slot:
+        free = [s for s in self.slots if not s.busy]
+        if not free:
+            raise EngineError("no free slot")
+
+        def shared(slot: Slot) -> int:
+            if slot.sequence is None or _key(slot.sequence.plan) != _key(plan):
+                return 0
+            return slot.sequence.shared_prefix(prompt)
+
+        best = max(free, key=lambda s: (shared(s), -s.last_used))
+        if shared(best) == 0:  # nothing to reuse: take the slot whose cache is least likely to be wanted
+            best = min(free, key=lambda s: (s.sequence is not None, s.last_used))
+        return best
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """One decode for every busy slot that has work: returns how many tokens it decoded (0: idle)."""
+        for slot in self.slots:
+            if slot.busy and slot.request.cancelled():
+                slot.cancel()
+                self._end(slot)
+        spans = self._gather()
+        if not spans:
+            return 0
+        try:
+            self.context.decode([span for _, span in spans])
+        except SelfExtendError as exc:
+            self.fail_all(exc)
+            return 0
+        self.steps += 1
+        first = 0
+        for slot, span in spans:
+            if slot.decoded(self.context, first):
+                self._end(slot)
+            first += len(span.tokens)
+        return first
+
+    def _gather(self) -> list[tuple[Slot, Span]]:
+        """This step's spans: each generating slot's token, then whole prompt chunks in arrival order."""
+        spans = [(slot, slot.token_span()) for slot in self.slots if slot.busy and slot.next_token is not None]
+        room = self.context.n_batch - len(spans)
+        for slot in sorted((s for s in self.slots if s.busy and s.pending), key=lambda s: s.started):
+            span = slot.prompt_span(room)
+            if span is None:
+                break  # whole chunks only; the next step has room for it
+            spans.append((slot, span))
+            room -= len(span.tokens)
+        return spans
+
+    def _end(self, slot: Slot) -> None:
+        request = slot.release()
+        if request is not None:
+            request.on_finish()
+
+    def _forget(self, slot: Slot) -> None:
+        """Forget the slot's cells (its sequence is replanned, or the engine closes)."""
+        if slot.sequence is not None:
+            slot.sequence.reset()
+            slot.sequence = None
+
+    def fail_all(self, exc: Exception) -> None:
+        """A decode failed: every request in it ends with the error, and the slots start clean."""
+        for slot in self.slots:
+            if slot.busy:
+                request = slot.request
+                slot.release()
+                request.on_error(exc)
+                request.on_finish()
+            if slot.sequence is not None:
+                slot.sequence.reset()
+
+    def run(self) -> None:
+        """Step until every request has finished."""
+        while self.active:
+            self.step()
+
+
+def _key(plan: Plan) -> tuple:
+    return plan.group, plan.window, plan.schedule, plan.division

@@ -1,0 +1,33 @@
+"""Optional features and the extra that installs each: a missing one is a one-line error saying what to
+install, never an ImportError traceback."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .engine.errors import BadInputError
+
+# module -> (the PyPI package, the extra of selfextend-local that installs it)
+EXTRAS = {
+    "matplotlib": ("matplotlib", "plot"),
+    "pypdf": ("pypdf", "docs"),
+    "bs4": ("beautifulsoup4", "docs"),
+    "ray": ("ray[data]", "ray"),
+}
+
+
+def require(module: str, what: str) -> ModuleType:
+    """Import ``module`` for ``what`` (e.g. "drawing plots"), or say in one line how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package, extra = EXTRAS[module.split(".")[0]]
+        raise BadInputError(f"{what} needs {package}: pip install 'selfextend-local[{extra}]'") from None
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files (no display needed)."""
+    matplotlib = require("matplotlib", "drawing plots")
+    matplotlib.use("Agg")
+    return importlib.import_module("matplotlib.pyplot")

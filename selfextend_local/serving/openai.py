@@ -1,0 +1,78 @@
+"""The OpenAI response shapes (which llama-cpp-python's high-level API returns too): completions, chat
+completions, their stream chunks and usage. Shared by the HTTP server and :class:`selfextend_local.Llama`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..engine.sampling import Chunk
+
+
+def finish_reason(chunk: Chunk | None) -> str:
+    return "length" if chunk and chunk.finish_reason == "length" else "stop"
+
+
+def usage(chunk: Chunk | None, prompt_tokens: int) -> dict:
+    """OpenAI's usage, with the prompt tokens reused from the cache as ``cached_tokens``."""
+    completion = chunk.generated_tokens if chunk else 0
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": chunk.reused_tokens if chunk else 0},
+    }
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One response's identity: ``chat`` (chat.completion) or not (text_completion)."""
+
+    model: str
+    chat: bool
+    id: str = ""
+    created: int = 0
+
+    @classmethod
+    def new(cls, model: str, chat: bool) -> Reply:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        return cls(model, chat, rid, int(time.time()))
+
+    def _envelope(self, kind: str, choices: list, **extra) -> dict:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+    def whole(self, text: str, last: Chunk | None, prompt_tokens: int) -> dict:
+        """The complete response: one choice with the text, its finish reason, and usage."""
+        choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason(last)}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+            kind = "chat.completion"
+        else:
+            choice["text"] = text
+            kind = "text_completion"
+        return self._envelope(kind, [choice], usage=usage(last, prompt_tokens))
+
+    def piece(self, text: str, first: bool = False, finish: str | None = None) -> dict:
+        """A stream chunk with ``text`` (the chat's first one carries the role; the last, the reason)."""
+        if self.chat:
+            return self.delta({"role": "assistant", "content": text} if first else {"content": text}, finish)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return self._envelope("text_completion", [choice])
+
+    def delta(self, delta: dict, finish: str | None = None) -> dict:
+        """A chat stream chunk with any ``delta`` (``{"role": ...}``, ``{"content": ...}``, or ``{}``)."""
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return self._envelope("chat.completion.chunk", [choice])
+
+    def usage_piece(self, last: Chunk, prompt_tokens: int) -> dict:
+        """The stream's closing usage chunk (``stream_options.include_usage``)."""
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._envelope(kind, [], usage=usage(last, prompt_tokens))
