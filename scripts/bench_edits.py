@@ -28,13 +28,13 @@ import time
 import llama_cpp
 import numpy as np
 
-from selfextend_local.corpus import long_tokens
-from selfextend_local.division import divide_emulated, divide_native, probe
-from selfextend_local.engine import load_model
-from selfextend_local.planning import Plan
-from selfextend_local.schedules import Add, NeighborSchedule, division_as_shifts
-from selfextend_local.session import Session
-from selfextend_local.settings import RuntimeSettings
+from selfextend_local.engine.division import divide_emulated, divide_native, probe
+from selfextend_local.engine.planning import Plan
+from selfextend_local.engine.schedules import Add, NeighborSchedule, division_as_shifts
+from selfextend_local.engine.session import Session
+from selfextend_local.engine.settings import RuntimeSettings
+from selfextend_local.locate import load_model
+from selfextend_local.tasks.corpus import long_tokens
 
 FILL = 512  # tokens per filler sequence
 FAR = 1 << 28  # filler positions live above anything the schedule uses

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from dataclasses import replace
 
 import llama_cpp
 
-from selfextend_local.corpus import long_tokens
-from selfextend_local.engine import load_model
-from selfextend_local.planning import Plan
-from selfextend_local.session import Session
-from selfextend_local.settings import RuntimeSettings
+from selfextend_local.engine.planning import Plan, align_cells
+from selfextend_local.engine.session import Session
+from selfextend_local.engine.settings import RuntimeSettings
+from selfextend_local.locate import load_model
+from selfextend_local.tasks.corpus import long_tokens
 
 
 class BareLoop:
@@ -114,6 +116,22 @@ class EngineRun:
         self.session.close()
 
 
+def kv_maker(model, n_ctx: int, runtime: RuntimeSettings, group: int, window: int, kind: str):
+    """A maker of a neighbor run with a cache of ``kind`` (``TYPE-norot``: LLAMA_ATTN_ROT_DISABLE set while
+    the context is made, when llama.cpp reads it)."""
+    kv_type, _, rot = kind.partition("-")
+
+    def make() -> EngineRun:
+        if rot == "norot":
+            os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
+        try:
+            return EngineRun(model, n_ctx, replace(runtime, kv_type=kv_type), group, window, "neighbor")
+        finally:
+            os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
+
+    return make
+
+
 def lockstep_pass(runners: dict, tokens: list[int], chunk: int) -> dict[str, list[float]]:
     """Feed every runner the same chunks, rotating who goes first; seconds per chunk per runner."""
     seconds: dict[str, list[float]] = {name: [] for name in runners}
@@ -155,6 +173,12 @@ def main() -> int:
     )
     parser.add_argument("--mode", choices=["lockstep", "whole"], default="lockstep")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument(
+        "--kv-types",
+        default=None,
+        help="compare these KV cache types under neighbor G W (e.g. f16,q8_0,q4_0; q8_0-norot: without the "
+        "Hadamard rotation of K)",
+    )
     args = parser.parse_args()
 
     runtime = RuntimeSettings(
@@ -162,7 +186,7 @@ def main() -> int:
     )
     model = load_model(args.model, runtime)
     tokens = long_tokens(model, args.tokens)
-    n_ctx = -(-args.tokens // 256) * 256
+    n_ctx = align_cells(args.tokens)
     G, W = args.group, args.window
     makers = {
         "bare llama-cpp-python loop": lambda: BareLoop(model, n_ctx, runtime),
@@ -170,6 +194,11 @@ def main() -> int:
         f"neighbor G{G} W{W}": lambda: EngineRun(model, n_ctx, runtime, G, W, "neighbor"),
         f"llamacpp G{G} W{W}": lambda: EngineRun(model, n_ctx, runtime, G, W, "llamacpp"),
     }
+    if args.kv_types:  # the cache types side by side instead: neighbor G W with each
+        makers = {"engine plain": makers["engine plain"]} | {
+            f"neighbor G{G} W{W} {kind}": kv_maker(model, n_ctx, runtime, G, W, kind)
+            for kind in args.kv_types.split(",")
+        }
     if args.per_position:
         makers[f"neighbor G{G} W{W}, 1 shift/pos"] = lambda: EngineRun(
             model, n_ctx, runtime, G, W, "neighbor", OnePerPosition()
@@ -211,9 +240,10 @@ def main() -> int:
     print(f"{'method':30s} {'tok/s':>9s} {'ratio to plain':>15s}")
     for name in names:
         print(f"{name:30s} {tps[name]:9.1f} {tps[name] / plain:15.3f}")
-    print(f"\nengine plain / bare loop: {plain / tps[names[0]]:.3f}")
+    if names[0] != "engine plain":
+        print(f"\nengine plain / bare loop: {plain / tps[names[0]]:.3f}")
     for name in names[2:]:
-        print(f"{name} / engine plain: {tps[name] / plain:.3f}")
+        print(f"{name} / {names[1]}: {tps[name] / tps[names[1]]:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

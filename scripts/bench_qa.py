@@ -44,7 +44,7 @@ def peak_rss() -> int:
 
 
 def document(model, n_tokens: int) -> str:
-    from selfextend_local.corpus import pydoc_text
+    from selfextend_local.tasks.corpus import pydoc_text
 
     return model.detokenize(model.tokenize(pydoc_text(), add_special=False)[:n_tokens])
 
@@ -66,11 +66,11 @@ def answer(doc, question: str) -> dict:
 
 
 def child_engine(args) -> dict:
-    from selfextend_local.engine import load_model
-    from selfextend_local.kvcache import KVCache
-    from selfextend_local.memory import kv_bytes_per_cell
-    from selfextend_local.qa import DocumentQA
-    from selfextend_local.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+    from selfextend_local.engine.kvcache import KVCache
+    from selfextend_local.engine.memory import kv_bytes_per_cell
+    from selfextend_local.engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+    from selfextend_local.locate import load_model
+    from selfextend_local.tasks.qa import DocumentQA
 
     model = load_model(None)
     sampling = SamplingSettings(temperature=0, max_tokens=ANSWER_TOKENS)
@@ -103,8 +103,8 @@ def child_plain(args) -> dict:
     import llama_cpp
     import numpy as np
 
-    from selfextend_local.engine import load_model
-    from selfextend_local.qa import document_prompt, question_tokens
+    from selfextend_local.locate import load_model
+    from selfextend_local.tasks.qa import document_prompt, question_tokens
 
     model = load_model(None)
     doc_tokens, after = document_prompt(model, document(model, args.tokens))
@@ -113,7 +113,7 @@ def child_plain(args) -> dict:
     params.n_ctx = args.ctx
     params.n_batch = params.n_ubatch = 512
     params.n_seq_max = 1
-    from selfextend_local.settings import default_threads
+    from selfextend_local.engine.settings import default_threads
 
     params.n_threads = params.n_threads_batch = default_threads()
     ctx = llama_cpp.llama_init_from_model(model.handle, params)
@@ -156,9 +156,9 @@ def child_speed(args) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_ingest import BareLoop, lockstep_pass
 
-    from selfextend_local.engine import load_model
-    from selfextend_local.qa import DocumentQA
-    from selfextend_local.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+    from selfextend_local.engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+    from selfextend_local.locate import load_model
+    from selfextend_local.tasks.qa import DocumentQA
 
     class DocumentRun:
         def __init__(self, doc) -> None:

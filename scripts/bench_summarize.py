@@ -27,15 +27,9 @@ from pathlib import Path
 
 
 def make_files(folder: Path, n: int, chars: int) -> list[Path]:
-    from selfextend_local.corpus import pydoc_text
+    from selfextend_local.testing import make_text_files
 
-    text = pydoc_text()
-    files = []
-    for i in range(n):
-        path = folder / f"doc{i:02d}.txt"
-        path.write_text(text[30000 + i * chars : 30000 + (i + 1) * chars])
-        files.append(path)
-    return files
+    return make_text_files(folder, n, chars, offset=30000)
 
 
 def run(files: list[Path], out: Path, extra: list[str], tokens: int) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -22,31 +21,13 @@ import time
 
 import httpx
 
+from selfextend_local.testing import start_server, stop_server
+
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "selfextend_local.cli", "serve", "--port", str(port), "--queue-size", "64", *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start")
+def start(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    return start_server("--queue-size", "64", *extra, timeout=60, quiet=True)
 
 
 def stream_once(client: httpx.Client, url: str, max_tokens: int, prompt: str) -> dict:
@@ -130,9 +111,9 @@ def print_table(rows: list[dict]) -> None:
 
 
 def engine_stream(model, max_tokens: int) -> list[float]:
-    from selfextend_local.engine import open_session
-    from selfextend_local.generate import stream_generate
-    from selfextend_local.settings import SamplingSettings
+    from selfextend_local.engine.generate import stream_generate
+    from selfextend_local.engine.session import open_session
+    from selfextend_local.engine.settings import SamplingSettings
 
     tokens = model.chat_tokens([{"role": "user", "content": PROMPT}])
     sampling = SamplingSettings(temperature=0, max_tokens=max_tokens)
@@ -145,7 +126,7 @@ def engine_stream(model, max_tokens: int) -> list[float]:
 
 
 def single_request_comparison(url: str, max_tokens: int, repeats: int) -> None:
-    from selfextend_local.engine import load_model
+    from selfextend_local.locate import load_model
 
     model = load_model(None)
     server_tps, engine_tps = [], []
@@ -185,7 +166,7 @@ def main() -> int:
         proc, url = (None, args.url)
         if url is None:
             extra = ["--parallel", str(parallel)] + (["--model", args.model] if args.model else [])
-            proc, url = start_server(extra)
+            proc, url = start(extra)
         try:
             for n in clients:
                 row = {"parallel": parallel, **load(url, n, args.seconds, args.max_tokens)}
@@ -195,8 +176,7 @@ def main() -> int:
                 single_request_comparison(url, args.single_tokens, args.repeats)
         finally:
             if proc:
-                proc.terminate()
-                proc.wait()
+                stop_server(proc)
     print(f"{args.seconds:.0f} s per cell, max_tokens {args.max_tokens}, greedy; model {args.model or 'bundled'}")
     print_table(rows)
     by = {(r["parallel"], r["clients"]): r for r in rows}

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from selfextend_local.corpus import long_tokens
-from selfextend_local.engine import load_model
-from selfextend_local.info import format_table
-from selfextend_local.planning import Plan
-from selfextend_local.session import Session
-from selfextend_local.settings import RuntimeSettings
+from selfextend_local.engine.planning import Plan, align_cells
+from selfextend_local.engine.session import Session
+from selfextend_local.engine.settings import RuntimeSettings
+from selfextend_local.locate import load_model
+from selfextend_local.tasks.corpus import long_tokens
+from selfextend_local.tasks.info import format_table
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RAW = DOCS / "results.json"
@@ -57,8 +57,8 @@ def engine_logits(model, tokens, group, window, schedule, batch=32):
 
 
 def measure_reference(model) -> dict:
-    from selfextend_local.metrics import kl_divergence
-    from selfextend_local.reference import ReferenceModel
+    from selfextend_local.engine.metrics import kl_divergence
+    from selfextend_local.evaluation.reference import ReferenceModel
 
     ref = ReferenceModel(model.path)
     tokens = long_tokens(model, 300)
@@ -86,7 +86,7 @@ METHODS = ["none", "linear", "yarn", "neighbor", "llamacpp"]
 
 
 def measure_ppl(model, runtime, n_tokens: int, group: int, window: int, bucket: int, plot: str) -> dict:
-    from selfextend_local.perplexity import compare_methods, ppl_plot
+    from selfextend_local.evaluation.perplexity import compare_methods, ppl_plot
 
     tokens = long_tokens(model, n_tokens)
     report = compare_methods(
@@ -134,9 +134,9 @@ def measure_bench(runtime, n_tokens: int, group: int, window: int) -> dict:
 
 
 def measure_ladder(model, runtime, n_tokens: int) -> dict:
-    from selfextend_local.convert import LADDER, quantize, rewrite_gguf
-    from selfextend_local.model import Model
-    from selfextend_local.validate import Thresholds, compare_logits, summarize, verdict
+    from selfextend_local.engine.model import Model
+    from selfextend_local.evaluation.convert import LADDER, quantize, rewrite_gguf
+    from selfextend_local.evaluation.validate import Thresholds, compare_logits, summarize, verdict
 
     with tempfile.TemporaryDirectory() as tmp:
         (f16,) = rewrite_gguf(model.path, Path(tmp) / "ref-F16.gguf", to_f16=True)
@@ -144,7 +144,7 @@ def measure_ladder(model, runtime, n_tokens: int) -> dict:
         reference = Model(f16)
         candidates = [Model(p) for p in files]
         tokens = long_tokens(reference, n_tokens)
-        plan = Plan(4, 2048, "neighbor", "auto", -(-n_tokens // 256) * 256, reference.info.n_ctx_train, "ladder")
+        plan = Plan(4, 2048, "neighbor", "auto", align_cells(n_tokens), reference.info.n_ctx_train, "ladder")
         arrays = compare_logits(candidates, reference, tokens, plan, runtime)
         sizes = {q: p.stat().st_size for q, p in zip(LADDER, files)}
     rows = {}
@@ -218,7 +218,7 @@ def render_part(raw: dict, where: str, lengths: str) -> list[str]:
             )
         out += ["```", format_table(rows), "```", ""]
     if ppl := raw.get("ppl"):
-        from selfextend_local.perplexity import ppl_rows
+        from selfextend_local.evaluation.perplexity import ppl_rows
 
         out += [
             f"### Perplexity at {ppl['tokens']:,} tokens ({where}; training context 8,192)",
@@ -235,7 +235,7 @@ def render_part(raw: dict, where: str, lengths: str) -> list[str]:
             "",
         ]
     if pk := raw.get("passkey"):
-        from selfextend_local.passkey import accuracy_table
+        from selfextend_local.evaluation.passkey import accuracy_table
 
         kinds = pk.get("kinds", ["digits"])
         what = "five-digit keys" + (" and one-word needles" if "word" in kinds else "")
@@ -292,8 +292,8 @@ def render_part(raw: dict, where: str, lengths: str) -> list[str]:
 
 def redraw(raw: dict) -> int:
     """Plots from the stored figures (for a run whose process could not draw them, say)."""
-    from selfextend_local.passkey import heatmap
-    from selfextend_local.perplexity import ppl_plot
+    from selfextend_local.evaluation.passkey import heatmap
+    from selfextend_local.evaluation.perplexity import ppl_plot
 
     for part in (raw, raw.get("gpu", {})):
         if ppl := part.get("ppl"):

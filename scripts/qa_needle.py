@@ -11,13 +11,13 @@ import random
 import sys
 import time
 
-from selfextend_local.corpus import pydoc_text
-from selfextend_local.engine import load_model
-from selfextend_local.generate import generate
-from selfextend_local.planning import Plan
-from selfextend_local.qa import DocumentQA
-from selfextend_local.session import Session
-from selfextend_local.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+from selfextend_local.engine.generate import generate
+from selfextend_local.engine.planning import Plan, align_cells
+from selfextend_local.engine.session import Session
+from selfextend_local.engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+from selfextend_local.locate import load_model
+from selfextend_local.tasks.corpus import pydoc_text
+from selfextend_local.tasks.qa import DocumentQA
 
 FACT = "Note for readers: the secret ingredient of Aunt Miriam's soup is {word}."
 QUESTION = "What is the secret ingredient of Aunt Miriam's soup?"
@@ -62,7 +62,7 @@ def main() -> int:
                 start = time.perf_counter()
                 answer = "".join(c.text for c in doc.ask(QUESTION))
                 took = time.perf_counter() - start
-            plain = Plan(1, 1, "neighbor", "auto", -(-(len(prompt) + 32) // 256) * 256, model.info.n_ctx_train, "none")
+            plain = Plan(1, 1, "neighbor", "auto", align_cells(len(prompt) + 32), model.info.n_ctx_train, "none")
             with Session(model, plain, runtime) as session:
                 baseline, _ = generate(session, prompt, sampling)
             hit, miss = word in answer.lower(), word in baseline.lower()

@@ -21,11 +21,11 @@ QUESTIONS = ("What does the assert statement do?", "What is a generator?")
 
 
 def one_run(args) -> dict:
-    from selfextend_local.corpus import pydoc_text
-    from selfextend_local.engine import load_model
-    from selfextend_local.kvcache import KVCache
-    from selfextend_local.qa import DocumentQA
-    from selfextend_local.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+    from selfextend_local.engine.kvcache import KVCache
+    from selfextend_local.engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+    from selfextend_local.locate import load_model
+    from selfextend_local.tasks.corpus import pydoc_text
+    from selfextend_local.tasks.qa import DocumentQA
 
     model = load_model(args.model)
     text = pydoc_text()[: args.chars]
