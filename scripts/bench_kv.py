@@ -8,9 +8,9 @@ which only a build with our K-shift fix survives):
   and 24k (keys there have been shifted by every grouping step before them);
 - a pass-key (five digits) and a name hidden in ~12k tokens, at depths 0.25/0.5/0.75, greedy answers;
 - the KV bytes of the 12k state as llama.cpp serialises it, against f16's;
-- the K-shift probe's KL (selfextend_local.engine.kshift).
-Ingestion speed side by side: `python scripts/bench_ingest.py --tokens 12288 --group 4 --window 2048
---kv-types f16,q8_0,q4_0`. Writes a table on stdout and --json.
+- the K-shift probe's KL (selfextend_local.engine.kshift);
+and the ingestion speed of each at 12k, side by side in lockstep (scripts/bench_ingest.py's runners).
+Writes a table on stdout and --json (docs/kv.json is what scripts/make_results.py puts in RESULTS.md).
 
     python scripts/bench_kv.py --json docs/kv.json     # about 1.5 hours on two cores
 """
@@ -160,18 +160,42 @@ def main() -> int:
             row.update(retrieval(model, runtime, rotation))
         results[name] = row
         print(json.dumps({name: row}), file=sys.stderr, flush=True)
+    speeds = ingestion_speeds(model, tokens[:12288], [n for n in args.configs.split(",") if n in results])
+    for name, tps in speeds.items():
+        results[name]["ingest_tps_12k"] = tps
     print_table(results, version, len(tokens))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"llama_cpp": version, "tokens": len(tokens), "results": results}, f, indent=1)
+            date = time.strftime("%Y-%m-%d")
+            json.dump({"date": date, "llama_cpp": version, "tokens": len(tokens), "results": results}, f, indent=1)
     return 0
+
+
+def ingestion_speeds(model, tokens: list[int], names: list[str]) -> dict[str, float]:
+    """Tokens/s of a neighbor G4 W2048 ingestion with each cache, in lockstep chunk by chunk (fastest of 2)."""
+    from bench_ingest import kv_maker, lockstep_pass
+
+    runtime = RuntimeSettings()
+    kinds = {name: CONFIGS[name][0] + ("" if CONFIGS[name][1] else "-norot") for name in names}
+    cells = align_cells(len(tokens))
+    makers = {name: kv_maker(model, cells, runtime, GROUP, WINDOW, kind) for name, kind in kinds.items()}
+    best: dict[str, list[float]] = {}
+    for _ in range(2):
+        runners = {name: make() for name, make in makers.items()}
+        try:
+            for name, chunks in lockstep_pass(runners, tokens, runtime.batch).items():
+                best[name] = [min(a, b) for a, b in zip(best[name], chunks)] if name in best else chunks
+        finally:
+            for runner in runners.values():
+                runner.close()
+    return {name: len(tokens) / sum(chunks) for name, chunks in best.items()}
 
 
 def print_table(results: dict, version: str, n_tokens: int) -> None:
     base = results.get("f16")
     print(f"\nneighbor G{GROUP} W{WINDOW}, bundled SmolLM2-135M Q4_1, llama-cpp-python {version}, {n_tokens} tokens")
     head = ["cache", "PPL 12k", "vs f16", "KV bytes 12k", "vs f16", "after 8k", "after 16k", "after 24k"]
-    head += ["pass-key", "name", "probe KL"]
+    head += ["pass-key", "name", "probe KL", "ingest tok/s", "vs f16"]
     print(" | ".join(head))
     for name, r in results.items():
         vs = f"{r['ppl_12k'] / base['ppl_12k']:.4f}" if base else "-"
@@ -183,6 +207,8 @@ def print_table(results: dict, version: str, n_tokens: int) -> None:
             r.get("name", "-"),
             f"{r['probe_kl']:.4f}" if r["probe_kl"] is not None else "-",
         ]
+        tps = r.get("ingest_tps_12k")
+        cells += [f"{tps:.1f}" if tps else "-", f"{tps / base['ingest_tps_12k']:.3f}" if tps and base else "-"]
         print(" | ".join(cells))
     if base:
         for name, r in results.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -158,6 +159,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--model", type=Path, default=None, help="a .gguf (default: the bundled model)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures (docs/peer.json for RESULTS.md)")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     args.model = args.model or bundled_model()
@@ -167,7 +169,13 @@ def main() -> int:
         order = ("llama-server", "selfextend-local") if r % 2 == 0 else ("selfextend-local", "llama-server")
         for who in order:
             rows += serve_and_load(who, peer, args)
-    report(rows, args, batched_bench(peer, args.model, args.parallel, args.threads))
+    ceiling = batched_bench(peer, args.model, args.parallel, args.threads)
+    report(rows, args, ceiling)
+    if args.json:
+        cells = [best(rows, who, n) for n in args.clients for who in ("selfextend-local", "llama-server")]
+        setup = {k: getattr(args, k) for k in ("parallel", "seconds", "max_tokens", "repeats", "threads")}
+        figures = {"date": time.strftime("%Y-%m-%d"), "model": args.model.name, **setup, "rows": cells}
+        args.json.write_text(json.dumps({**figures, "batched_bench": ceiling}, indent=1))
     return 0
 
 

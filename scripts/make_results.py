@@ -185,7 +185,77 @@ def render(raw: dict) -> str:
         if note := gpu["machine"].get("note"):
             out += [note, ""]
         out += render_part(gpu, "GPU", "lengths as in the table")
+    out += render_kv(_load(DOCS / "kv.json")) + render_peer(_load(DOCS / "peer.json"))
     return "\n".join(out)
+
+
+def _load(path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def render_kv(kv: dict | None) -> list[str]:
+    """The KV cache types under SelfExtend, from docs/kv.json (`python scripts/bench_kv.py --json docs/kv.json`)."""
+    if not kv:
+        return []
+    rows = kv["results"]
+    base = rows["f16"]
+    out = [
+        "## KV cache types under SelfExtend (CPU)",
+        "",
+        f"Measured by `python scripts/bench_kv.py --json docs/kv.json` on {kv['date']}, llama-cpp-python "
+        f"{kv['llama_cpp']}: neighbor G4 W2048, {kv['tokens']:,} tokens of the pydoc text. Perplexity of the "
+        "first 12,288 tokens and of the 2,048 after 8k, 16k and 24k (every key there has been moved by each "
+        "grouping step before it); a pass-key and a name hidden in ~12k tokens at depths 0.25/0.5/0.75; the "
+        "KV bytes of the 12k state as llama.cpp serialises it; the K-shift probe's KL; ingestion tokens/s at "
+        "12k, the types side by side in lockstep (fastest of 2 per chunk).",
+        "",
+        "| cache | PPL 12k | vs f16 | after 8k | after 16k | after 24k | pass-key | name | KV bytes vs f16 | "
+        "ingestion vs f16 | probe KL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        after = " | ".join(f"{r['after'].get(k, float('nan')):.2f}" for k in ("8k", "16k", "24k"))
+        speed = r.get("ingest_tps_12k"), base.get("ingest_tps_12k")
+        ratio = f"{speed[0] / speed[1]:.3f}" if all(speed) else "-"
+        kl = f"{r['probe_kl']:.4f}" if r.get("probe_kl") is not None else "-"
+        out.append(
+            f"| {name} | {r['ppl_12k']:.3f} | {r['ppl_12k'] / base['ppl_12k']:.4f} | {after} | "
+            f"{r.get('passkey', '-')} | {r.get('name', '-')} | {r['kv_bytes_12k'] / base['kv_bytes_12k']:.3f} | "
+            f"{ratio} | {kl} |"
+        )
+    out += ["", "Per 2,048-token bucket up to 12k:", "", "```"]
+    out += [f"{name:18s} " + "  ".join(f"{p:7.2f}" for p in r["buckets_12k"]) for name, r in rows.items()]
+    return out + ["```", ""]
+
+
+def render_peer(peer: dict | None) -> list[str]:
+    """Our server beside llama.cpp's own, from docs/peer.json (`python scripts/bench_peer.py --json ...`)."""
+    if not peer:
+        return []
+    out = [
+        "## Against llama.cpp's own server (CPU)",
+        "",
+        f"Measured by `python scripts/bench_peer.py --json docs/peer.json` on {peer['date']}: {peer['model']}, "
+        f"`serve --parallel {peer['parallel']}` against `llama-server -np {peer['parallel']}` built from the same "
+        f"patched llama.cpp, {peer['threads']} threads, the same streaming chat load ({peer['max_tokens']} tokens, "
+        f"greedy, {peer['seconds']:.0f} s a cell), best of {peer['repeats']} runs with the two servers "
+        "alternating.",
+        "",
+        "| clients | ours tok/s | llama-server tok/s | ours / llama-server | ours TTFT p50 / p99 | "
+        "llama-server TTFT p50 / p99 |",
+        "|---|---|---|---|---|---|",
+    ]
+    cells = {(r["who"], r["clients"]): r for r in peer["rows"]}
+    for clients in sorted({r["clients"] for r in peer["rows"]}):
+        ours, theirs = cells[("selfextend-local", clients)], cells[("llama-server", clients)]
+        out.append(
+            f"| {clients} | {ours['tps']:.1f} | {theirs['tps']:.1f} | {ours['tps'] / theirs['tps']:.2f} | "
+            f"{ours['ttft'][0]:.2f} / {ours['ttft'][1]:.2f} s | {theirs['ttft'][0]:.2f} / {theirs['ttft'][1]:.2f} s |"
+        )
+    speeds = ", ".join(
+        f"{n} sequence{'s' if int(n) > 1 else ''}: {v:.1f} tok/s" for n, v in peer["batched_bench"].items()
+    )
+    return out + ["", f"llama-batched-bench generation (the kernels' ceiling): {speeds}.", ""]
 
 
 def render_part(raw: dict, where: str, lengths: str) -> list[str]:

@@ -59,6 +59,16 @@ def cache_root() -> Path:
     return base / "selfextend-local" / "llama-wheels"
 
 
+def build_env() -> dict[str, str]:
+    """The environment pip builds in: the user's, with llama-cpp-python's multimodal library (mtmd, for
+    llava-style chat handlers, which selfextend-local never uses) left out unless CMAKE_ARGS asks for it:
+    it is the largest part of the build."""
+    args = os.environ.get("CMAKE_ARGS", "")
+    if "LLAVA_BUILD" not in args:
+        args = f"{args} -DLLAVA_BUILD=OFF".strip()
+    return {**os.environ, "CMAKE_ARGS": args}
+
+
 def cache_key(version: str) -> str:
     """What decides the wheel: the version, the patches, the build settings, this Python and platform."""
     digest = hashlib.sha256()
@@ -66,17 +76,18 @@ def cache_key(version: str) -> str:
         digest.update(part.encode() + b"\0")
     for name, data in patches():
         digest.update(name.encode() + b"\0" + data)
+    env = build_env()
     for key in _ENV_KEYS:
-        digest.update(f"{key}={os.environ.get(key, '')}".encode() + b"\0")
+        digest.update(f"{key}={env.get(key, '')}".encode() + b"\0")
     return digest.hexdigest()[:24]
 
 
-def pip(*args: str, quiet: bool = True, log: Path | None = None) -> subprocess.CompletedProcess:
+def pip(*args: str, quiet: bool = True, log: Path | None = None, env=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pip", *args]
     if log is None:
-        return subprocess.run(cmd, capture_output=quiet, text=True)
+        return subprocess.run(cmd, capture_output=quiet, text=True, env=env)
     with log.open("w") as out:
-        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def newest_version() -> str:
@@ -151,10 +162,9 @@ def label_version(source: Path, version: str) -> str:
 def build_wheel(source: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "build.log"
-    cmake = os.environ.get("CMAKE_ARGS", "")
-    settings = f" (CMAKE_ARGS={cmake})" if cmake else ""
-    say(f"building it with our llama.cpp fixes{settings}; ~5 minutes on 2 cores; log: {log}")
-    done = pip("wheel", "--no-deps", "--wheel-dir", str(out), str(source), log=log)
+    env = build_env()
+    say(f"building it with our llama.cpp fixes (CMAKE_ARGS={env['CMAKE_ARGS']}); minutes on 2 cores; log: {log}")
+    done = pip("wheel", "--no-deps", "--wheel-dir", str(out), str(source), log=log, env=env)
     wheels = sorted(out.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])

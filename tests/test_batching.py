@@ -207,29 +207,3 @@ def test_capacity_by_memory(model):
     assert tight.slots * tight.cells * 23040 <= (1 << 29) and tight.slots >= 1
     given = choose(model, RuntimeSettings(ctx=4096), ExtendSettings(), slots=8, memory=64 << 30)
     assert (given.slots, given.cells) == (8, 4096)
-
-
-@pytest.mark.slow
-def test_past_the_training_context_beside_short_ones_and_a_late_joiner(model, pydoc_tokens):
-    """9k tokens (SelfExtend planned: G4 W2048, past the 8k training context) with three short prompts,
-    the last joining while the others generate."""
-    long_prompt = pydoc_tokens[:9000]
-    short = [chat(model, p) for p in PROMPTS[:3]]
-    want = [alone(model, long_prompt)] + [alone(model, p) for p in short]
-    with Engine.create(model, 4, 9216) as engine:
-        outs = []
-        for prompt in [long_prompt, *short[:2]]:
-            req, out = request(prompt)
-            engine.add(req)
-            outs.append(out)
-        while len(outs[1].tokens) < 10:
-            engine.step()
-        req, late = request(short[2])
-        engine.add(req)
-        outs.append(late)
-        engine.run()
-        plan = engine.slots[0].sequence.plan
-    assert plan.extended and (plan.group, plan.window) == (4, 2048)
-    assert_same(want[0], outs[0])
-    for w, o in zip(want[1:], outs[1:]):
-        assert w.tokens == o.tokens

@@ -132,7 +132,8 @@ def test_the_server_accepts_each_type(kind):
         body = {"prompt": "The sky is", "max_tokens": 4, "temperature": 0}
         reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
-        grouped = {"prompt": pydoc_text()[:3000], "max_tokens": 4, "selfextend": {"group": 4, "window": 128}}
-        assert httpx.post(f"{url}/v1/completions", json=grouped, timeout=120).status_code == 200
+        if kind in ("q4_0", "bf16"):  # the quantized K-shift and the bf16 one, served
+            grouped = {"prompt": pydoc_text()[:3000], "max_tokens": 4, "selfextend": {"group": 4, "window": 128}}
+            assert httpx.post(f"{url}/v1/completions", json=grouped, timeout=120).status_code == 200
     finally:
         stop_server(proc)

@@ -19,8 +19,10 @@ def ppl(nll: np.ndarray, start: int, stop: int) -> float:
 
 @pytest.fixture(scope="module")
 def plain_nll(model, pydoc_tokens, runtime):
-    with make_session(model, runtime, N) as session:
-        return token_nlls(session, pydoc_tokens[:N])
+    """Plain decoding inside the training context: the bar (its 6k-8k perplexity). Plain decoding past it is
+    not measured here (llama.cpp's behaviour, not ours; docs/RESULTS.md has it: 27 on the last 2k of 12k)."""
+    with make_session(model, runtime, 8192) as session:
+        return token_nlls(session, pydoc_tokens[:8192])
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +43,14 @@ def extended_nll(model, pydoc_tokens, runtime):
 
 def test_selfextend_recovers_perplexity_past_training_context(plain_nll, extended_nll):
     nll, _ = extended_nll("auto")
-    last, plain_last, plain_6_8k = ppl(nll, N - 2049, None), ppl(plain_nll, N - 2049, None), ppl(plain_nll, 6144, 8192)
-    print(f"last 2k: neighbor {last:.2f} plain {plain_last:.2f}; plain 6k-8k {plain_6_8k:.2f}")
-    assert last < plain_last / 2
+    last, plain_6_8k = ppl(nll, N - 2049, None), ppl(plain_nll, 6144, 8192)
+    print(f"last 2k: neighbor {last:.2f}; plain 6k-8k {plain_6_8k:.2f}")
     assert last < 1.3 * plain_6_8k
 
 
 def test_native_division_passes_on_a_correct_build_and_fails_on_a_defective_one(plain_nll, extended_nll):
     """Our build (the seq_div fix) passes the same bar with --division native; the stock build fails it,
-    and the probe says why. CI runs this file on both builds."""
+    and the probe says why."""
     nll, divider = extended_nll("native")
     last, plain_6_8k = ppl(nll, N - 2049, None), ppl(plain_nll, 6144, 8192)
     print(f"last 2k with native seq_div: {last:.2f}; plain 6k-8k {plain_6_8k:.2f}; {divider.reason}")

@@ -72,14 +72,15 @@ def test_records_and_greedy_summaries_equal_a_local_run(tmp_path, ray_cluster):
     local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
     # one thread, as each Ray worker: llama.cpp's sums split across threads round differently
     subprocess.run(summarize_cmd(files, local, "--threads", "1"), check=True, capture_output=True, timeout=600)
-    done = subprocess.run(
-        summarize_cmd(files, remote, "--ray", ray_cluster, "--workers", "2"),
+    done = subprocess.run(  # more workers than the cluster holds: cut to what it has, and said
+        summarize_cmd(files, remote, "--ray", ray_cluster, "--workers", "100"),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    assert "4 summarised (0 failed)" in done.stderr and "Ray: 2 workers x 1 threads" in done.stderr
+    assert "4 summarised (0 failed)" in done.stderr and "using 2" in done.stderr
+    assert "Ray: 2 workers x 1 threads on a cluster of 2 CPUs" in done.stderr
     want = {r["path"]: r for r in records(local)}
     got = {r["path"]: r for r in records(remote)}
     assert set(got) == set(want)
@@ -197,17 +198,3 @@ def test_workers_beyond_the_cluster_are_clamped():
     workers, said = plan_workers(100, 2, 1)
     assert workers == 2 and "--workers 100" in said and "the cluster has 2" in said
     assert plan_workers(1, 8, 2) == (1, None) and plan_workers(9, 8, 2)[0] == 4
-
-
-@pytest.mark.slow
-def test_more_workers_than_the_cluster_holds_run_on_what_it_has(tmp_path, ray_cluster):
-    files = make_files(tmp_path, 2)
-    done = subprocess.run(
-        summarize_cmd(files, tmp_path / "out.jsonl", "--ray", ray_cluster, "--workers", "100"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "using 2" in done.stderr and "Ray: 2 workers x 1 threads on a cluster of 2 CPUs" in done.stderr
-    assert len(records(tmp_path / "out.jsonl")) == 2
