@@ -12,7 +12,9 @@ which only a build with our K-shift fix survives):
 and the ingestion speed of each at 12k, side by side in lockstep (scripts/bench_ingest.py's runners).
 Writes a table on stdout and --json (docs/kv.json is what scripts/make_results.py puts in RESULTS.md).
 
-    python scripts/bench_kv.py --json docs/kv.json     # about 1.5 hours on two cores
+    python scripts/bench_kv.py --json docs/kv.json     # hours on two cores (12k ingestions run ~70 tok/s)
+    python scripts/bench_kv.py --tokens 12288 --depths 0.5 --retrieval-configs f16,q8_0,q4_0 --speed-repeats 0 \
+        --json docs/kv.json                          # about 40 minutes
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import replace
 import llama_cpp
 import numpy as np
 
-from selfextend_local.engine import kshift, state
+from selfextend_local.engine import kshift
 from selfextend_local.engine.generate import generate
 from selfextend_local.engine.planning import Plan, align_cells
 from selfextend_local.engine.session import Session
@@ -102,10 +104,10 @@ def needle_prompt(model, name: str, depth: float, length: int) -> list[int]:
     return head + filler * before + fact + filler * (reps - before) + ask
 
 
-def retrieval(model, runtime, rotation: bool, length: int = 12288) -> dict:
+def retrieval(model, runtime, rotation: bool, depths: list[float], length: int = 12288) -> dict:
     sampling = SamplingSettings(temperature=0, max_tokens=8)
     found = {"passkey": [], "name": []}
-    for i, depth in enumerate((0.25, 0.5, 0.75)):
+    for i, depth in enumerate(depths):
         trial = pk.Trial("digits", length, depth, i, pk.make_key("digits", i))
         prompts = {"passkey": (pk.trial_tokens(model, trial), trial.key)}
         prompts["name"] = (needle_prompt(model, NAMES[i], depth, length), NAMES[i].split()[0])
@@ -125,7 +127,7 @@ def state_bytes_12k(model, runtime, tokens, rotation: bool) -> int:
         session = Session(model, plan_for(model, len(tokens)), runtime)
     try:
         session.ingest(tokens)
-        return len(state.state_bytes(session))
+        return llama_cpp.llama_state_seq_get_size(session.ctx, 0)
     finally:
         session.close()
 
@@ -140,6 +142,14 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=26000)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--skip-retrieval", action="store_true")
+    parser.add_argument("--depths", default="0.25,0.5,0.75", help="where the pass-key and the name are hidden")
+    parser.add_argument("--retrieval-configs", default=None, help="the configs retrieval runs for (default: all)")
+    parser.add_argument(
+        "--speed-repeats",
+        type=int,
+        default=2,
+        help="lockstep ingestion passes, fastest chunk kept (0: the speed of each perplexity run, one at a time)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     model = load_model(None)
@@ -155,24 +165,33 @@ def main() -> int:
         print(f"{name}...", file=sys.stderr, flush=True)
         row = {"probe_kl": probe_kl(model, runtime, rotation)}
         row.update(perplexity(model, runtime, tokens, rotation))
-        row["kv_bytes_12k"] = state_bytes_12k(model, runtime, tokens[:12288], rotation)
-        if not args.skip_retrieval:
-            row.update(retrieval(model, runtime, rotation))
+        if len(tokens) == 12288:  # the perplexity run's state is the 12k state
+            row["kv_bytes_12k"] = row["kv_bytes_all"]
+        else:
+            row["kv_bytes_12k"] = state_bytes_12k(model, runtime, tokens[:12288], rotation)
+        if args.speed_repeats == 0 and len(tokens) == 12288:
+            row["ingest_tps_12k"] = len(tokens) / row["ingest_seconds"]
+        if not args.skip_retrieval and name in (args.retrieval_configs or args.configs).split(","):
+            row.update(retrieval(model, runtime, rotation, [float(d) for d in args.depths.split(",")]))
         results[name] = row
         print(json.dumps({name: row}), file=sys.stderr, flush=True)
-    speeds = ingestion_speeds(model, tokens[:12288], [n for n in args.configs.split(",") if n in results])
+    names = [n for n in args.configs.split(",") if n in results]
+    speeds = ingestion_speeds(model, tokens[:12288], names, args.speed_repeats) if args.speed_repeats else {}
     for name, tps in speeds.items():
         results[name]["ingest_tps_12k"] = tps
     print_table(results, version, len(tokens))
     if args.json:
         with open(args.json, "w") as f:
             date = time.strftime("%Y-%m-%d")
-            json.dump({"date": date, "llama_cpp": version, "tokens": len(tokens), "results": results}, f, indent=1)
+            command = "python scripts/bench_kv.py " + " ".join(sys.argv[1:])
+            meta = {"date": date, "command": command, "llama_cpp": version, "tokens": len(tokens)}
+            meta |= {"depths": args.depths, "speed_repeats": args.speed_repeats}
+            json.dump({**meta, "results": results}, f, indent=1)
     return 0
 
 
-def ingestion_speeds(model, tokens: list[int], names: list[str]) -> dict[str, float]:
-    """Tokens/s of a neighbor G4 W2048 ingestion with each cache, in lockstep chunk by chunk (fastest of 2)."""
+def ingestion_speeds(model, tokens: list[int], names: list[str], repeats: int) -> dict[str, float]:
+    """Tokens/s of a neighbor G4 W2048 ingestion with each cache, in lockstep chunk by chunk (fastest pass)."""
     from bench_ingest import kv_maker, lockstep_pass
 
     runtime = RuntimeSettings()
@@ -180,7 +199,7 @@ def ingestion_speeds(model, tokens: list[int], names: list[str]) -> dict[str, fl
     cells = align_cells(len(tokens))
     makers = {name: kv_maker(model, cells, runtime, GROUP, WINDOW, kind) for name, kind in kinds.items()}
     best: dict[str, list[float]] = {}
-    for _ in range(2):
+    for _ in range(repeats):
         runners = {name: make() for name, make in makers.items()}
         try:
             for name, chunks in lockstep_pass(runners, tokens, runtime.batch).items():

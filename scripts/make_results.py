@@ -202,19 +202,19 @@ def render_kv(kv: dict | None) -> list[str]:
     out = [
         "## KV cache types under SelfExtend (CPU)",
         "",
-        f"Measured by `python scripts/bench_kv.py --json docs/kv.json` on {kv['date']}, llama-cpp-python "
-        f"{kv['llama_cpp']}: neighbor G4 W2048, {kv['tokens']:,} tokens of the pydoc text. Perplexity of the "
-        "first 12,288 tokens and of the 2,048 after 8k, 16k and 24k (every key there has been moved by each "
-        "grouping step before it); a pass-key and a name hidden in ~12k tokens at depths 0.25/0.5/0.75; the "
-        "KV bytes of the 12k state as llama.cpp serialises it; the K-shift probe's KL; ingestion tokens/s at "
-        "12k, the types side by side in lockstep (fastest of 2 per chunk).",
+        f"Measured by `{kv.get('command', 'python scripts/bench_kv.py --json docs/kv.json')}` on {kv['date']}, "
+        f"llama-cpp-python {kv['llama_cpp']}: neighbor G4 W2048, {kv['tokens']:,} tokens of the pydoc text. "
+        "Perplexity of the first 12,288 tokens and of the 2,048 after 8k, 16k and 24k where the text reaches "
+        "(every key there has been moved by each grouping step before it); a pass-key and a name hidden in ~12k "
+        f"tokens at depths {kv.get('depths', '0.25,0.5,0.75')}; the KV bytes of the 12k state as llama.cpp "
+        f"serialises it; the K-shift probe's KL; {_kv_speed(kv.get('speed_repeats', 2))}.",
         "",
         "| cache | PPL 12k | vs f16 | after 8k | after 16k | after 24k | pass-key | name | KV bytes vs f16 | "
         "ingestion vs f16 | probe KL |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        after = " | ".join(f"{r['after'].get(k, float('nan')):.2f}" for k in ("8k", "16k", "24k"))
+        after = " | ".join(f"{r['after'][k]:.2f}" if k in r["after"] else "-" for k in ("8k", "16k", "24k"))
         speed = r.get("ingest_tps_12k"), base.get("ingest_tps_12k")
         ratio = f"{speed[0] / speed[1]:.3f}" if all(speed) else "-"
         kl = f"{r['probe_kl']:.4f}" if r.get("probe_kl") is not None else "-"
@@ -226,6 +226,12 @@ def render_kv(kv: dict | None) -> list[str]:
     out += ["", "Per 2,048-token bucket up to 12k:", "", "```"]
     out += [f"{name:18s} " + "  ".join(f"{p:7.2f}" for p in r["buckets_12k"]) for name, r in rows.items()]
     return out + ["```", ""]
+
+
+def _kv_speed(repeats: int) -> str:
+    if repeats:
+        return f"ingestion tokens/s at 12k, the types side by side in lockstep (fastest of {repeats} per chunk)"
+    return "ingestion tokens/s of each 12k perplexity run, one after another on a quiet machine (not lockstep)"
 
 
 def render_peer(peer: dict | None) -> list[str]:

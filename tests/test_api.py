@@ -211,8 +211,8 @@ def test_from_pretrained_through_the_hub(tmp_path, monkeypatch):
 
 
 def test_a_prompt_past_the_training_context_is_planned_self_extended(llm):
-    """Planned as the command line plans it (the run itself is the one generate and the server make,
-    checked at ~8.5k tokens in test_server.py)."""
+    """Planned as the command line plans it (the run itself is the one generate and the server make:
+    compared in test_server.py with grouping forced at ~3k tokens, and at ~9.5k by scripts/greedy_outputs.py)."""
     from selfextend_local.api import _Call
     from selfextend_local.engine.settings import SamplingSettings
     from selfextend_local.serving.openai import Reply

@@ -97,6 +97,7 @@ def ingest_logits(model, tokens, division, group=8, window=64):
     return np.concatenate(chunks), verdict
 
 
+@pytest.mark.slow
 def test_native_division_gives_the_emulations_logits_on_a_correct_build(model, pydoc_tokens):
     """On our build (the seq_div fix) native division is exact; on a stock build it is measurably wrong."""
     tokens = pydoc_tokens[:500]

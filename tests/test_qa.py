@@ -32,6 +32,7 @@ def fresh_answer(model, question):
         return answer(doc, question)[0]
 
 
+@pytest.mark.slow
 def test_second_question_ingests_only_the_question(model, cache):
     with DocumentQA(model, DOC, EXTEND, RuntimeSettings(), GREEDY, cache) as doc:
         first, last1 = answer(doc, Q1)
@@ -198,6 +199,7 @@ def test_two_processes_sharing_a_cache_both_answer(tmp_path):
     def qa(doc):
         cmd = [sys.executable, "-m", "selfextend_local.cli", "qa", "--doc", str(doc), "--cache-dir", str(kv)]
         cmd += ["--cache-size", "0.05", "-g", "4", "-w", "256", "--temperature", "0", "-n", "4", Q1, "-q", Q2]
+        cmd += ["--threads", "1"]  # two processes on two cores: llama.cpp's spinning threads must not contend
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     for _ in range(2):
