@@ -43,9 +43,9 @@ GROUP, WINDOW = 4, 2048
 CONFIGS = {  # name -> (cache type, Hadamard rotation of a quantized K)
     "f16": ("f16", True),
     "q8_0": ("q8_0", True),
-    "q8_0, no rotation": ("q8_0", False),
+    "q8_0/no-rot": ("q8_0", False),
     "q4_0": ("q4_0", True),
-    "q4_0, no rotation": ("q4_0", False),
+    "q4_0/no-rot": ("q4_0", False),
 }
 NAMES = ("Ottoline Bramwell", "Casimir Dunleavy", "Perpetua Vance")
 

@@ -107,7 +107,8 @@ def serve_and_load(who: str, peer: Path, args) -> list[dict]:
         rows = []
         for clients in args.clients:
             rows.append({"who": who, **load(url, clients, args.seconds, args.max_tokens)})
-            print(f"{who}, {clients} clients: {rows[-1]['tps']:.1f} tok/s", file=sys.stderr)
+            failed = rows[-1]["requests"] - rows[-1]["ok"]
+            print(f"{who}, {clients} clients: {rows[-1]['tps']:.1f} tok/s, {failed} requests failed", file=sys.stderr)
         return rows
     finally:
         proc.terminate() if who == "llama-server" else stop_server(proc)

@@ -70,7 +70,10 @@ def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
         with httpx.Client() as client:
             n = 0
             while time.perf_counter() < stop_at:
-                r = stream_once(client, url, max_tokens, f"{PROMPT} (variant {i}.{n})")
+                try:
+                    r = stream_once(client, url, max_tokens, f"{PROMPT} (variant {i}.{n})")
+                except httpx.TransportError as exc:  # e.g. llama-server closing a kept-alive connection
+                    r = {"status": type(exc).__name__}  # counted as not ok; the client goes on
                 n += 1
                 with lock:
                     results.append(r)
