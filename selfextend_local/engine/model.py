@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import secrets
 import stat
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -15,7 +16,7 @@ import llama_cpp
 
 from . import llama_log
 from .build import patch_level
-from .errors import ModelError, Name
+from .errors import BadInputError, ModelError, Name
 
 _ROPE_NAMES = {
     llama_cpp.LLAMA_ROPE_TYPE_NONE: "none",
@@ -201,7 +202,7 @@ class Model:
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Text to token ids; ``add_special`` adds BOS where the model wants one."""
-        data = text.encode("utf-8")
+        data = utf8(text)
         capacity = len(data) + 16
         buf = (llama_cpp.llama_token * capacity)()
         n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
@@ -263,9 +264,12 @@ class Model:
     def chat_segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
         """The rendered chat as ``(text, is_markup)`` pieces: the template's own markup, and each
         message's content, which is the user's text and must never become a control token."""
-        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        for i, message in enumerate(messages):
+            check_role(message["role"], i)
+        nonce = secrets.token_hex(8)  # the marks cannot be forged by a message's content
+        marks = [f"\ue000{nonce}{i}\ue001" for i in range(len(messages))]
         rendered = self.chat_text([{**m, "content": mark} for m, mark in zip(messages, marks)])
-        pattern = re.compile("\ue000(\\d+)\ue001")
+        pattern = re.compile(f"\ue000{nonce}(\\d+)\ue001")
         pieces: list[tuple[str, bool]] = []
         at = 0
         for found in pattern.finditer(rendered):
@@ -288,3 +292,31 @@ class Model:
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation rendered with the chat template and tokenized, user text kept as text."""
         return self.segments_tokens(self.chat_segments(messages))
+
+
+ROLE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,31}")
+
+
+def check_role(role: object, index: int) -> None:
+    """A message's role is a plain name: the template writes it as markup, where control-token syntax in it
+    would be parsed."""
+    if not isinstance(role, str) or not ROLE.fullmatch(role):
+        raise BadInputError(
+            "messages[{index}].role must be a name such as user, assistant or system, got {role!r}",
+            param="input",
+            index=index,
+            role=role if not isinstance(role, str) else role[:40],
+        )
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8; a lone surrogate (which JSON's \\ud800 escapes can make) is an input error."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadInputError(
+            "the text is not valid Unicode: a lone surrogate ({char!r}) at character {at}; send whole characters",
+            param="input",
+            char=exc.object[exc.start],
+            at=exc.start,
+        ) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import kvtypes
@@ -159,7 +160,8 @@ class RuntimeSettings:
 @dataclass(frozen=True)
 class SamplingSettings:
     """Sampling for generation. temperature 0 means greedy; seed None means a random seed; ``grammar``
-    constrains every reply (structured output)."""
+    constrains every reply (structured output), and ``schema`` is what a finished reply is checked against
+    (True: one JSON value; a JSON schema: a value valid against it; see :mod:`.grammar`)."""
 
     temperature: float = 0.7
     top_k: int = 40
@@ -169,6 +171,7 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()
     min_p: float = 0.0
     grammar: str | None = None  # GBNF (root rule "root") that every reply must match, e.g. JSON of a schema
+    schema: Mapping | bool | None = None
 
     def __post_init__(self) -> None:
         check_range("temperature", self.temperature, 0, MAX_TEMPERATURE)

@@ -159,8 +159,13 @@ class Slot:
         request = self.request
         if request.on_logits:
             request.on_logits(context.logits(index)[0])
-        token = self.sampler.sample(context.ctx, index)
-        for chunk in self.stream.push(token):
+        try:
+            token = self.sampler.sample(context.ctx, index)
+            chunks = self.stream.push(token)
+        except SelfExtendError as exc:  # the grammar allows nothing more, or the reply breaks its schema
+            request.on_error(exc)
+            return True
+        for chunk in chunks:
             request.on_chunk(chunk)
         if self.stream.finish is None:
             self.next_token = token

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
 from ..extras import require
 
 RETRIES = 2  # attempts after the first for a batch whose actor died
+WAVE_ATTEMPTS = 2  # passes over the files whose batches failed on every retry (a node lost mid-run)
 WAVE_FILES = 256  # files shipped per Dataset: bounds what the driver and the object store hold at once
 
 
@@ -113,7 +115,7 @@ def describe_model(job: dict) -> dict:
         with Model(resolve_model(Job.from_dict(job).model), vocab_only=True) as model:
             return {"name": model.path.name, "size": model.info.size_bytes, "host": _where()}
     except SelfExtendError as exc:
-        return {"error": f"on Ray worker {_where()}: {exc}"}
+        return {"error": f"on Ray worker {_where()}: {exc}", "host": _where()}
 
 
 DEFAULT_CONNECT_TIMEOUT = 30.0  # seconds to reach a cluster (--ray-timeout)
@@ -164,8 +166,13 @@ def connect(address: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT):
 
 
 def _init_within(ray, kwargs: dict, timeout: float) -> str | None:
-    """``ray.init`` on a helper thread, given at most ``timeout`` seconds (a local start gets more: it
-    starts processes); why it failed, or None."""
+    """``ray.init``, given at most ``timeout`` seconds to join a cluster at an address; why it failed, or None.
+
+    A new local Ray is started on this thread, with no time limit but Ray's own: its GCS and raylet are
+    started with a parent-death signal, which Linux sends when the *thread* that started them ends, so a
+    local Ray started on a helper thread died the moment that thread did. Joining an address cannot hang
+    on a dead one (:func:`check_reachable` ran first), but a half-alive head can: that join gets a helper
+    thread and the time limit."""
     import threading
 
     outcome: list[str | None] = []
@@ -178,9 +185,12 @@ def _init_within(ray, kwargs: dict, timeout: float) -> str | None:
             text = str(exc).strip()
             outcome.append(text.splitlines()[0] if text else type(exc).__name__)
 
+    if "address" not in kwargs:
+        init()
+        return outcome[0]
     thread = threading.Thread(target=init, name="ray-init", daemon=True)
     thread.start()
-    thread.join(timeout if "address" in kwargs else max(timeout, 120))
+    thread.join(timeout)
     if thread.is_alive():
         return f"no answer within {timeout:g} s (--ray-timeout); {_HOW_TO_START}"
     return outcome[0] if outcome else "ray.init failed"
@@ -198,20 +208,35 @@ def plan_workers(requested: int | None, cpus: int, threads: int) -> tuple[int, s
     return requested, None
 
 
+NODE_CHECK_SECONDS = 120.0  # for every node to say whether it has the model
+
+
 def signature_for(ray, job: Job) -> dict:
-    """The records' signature, to skip files already done. Read here when the model is a file this machine
-    has too (the bundled one, a local path), else asked of a worker, which says at once if it has no such
-    model. Each record still carries the signature of the model its worker loaded."""
+    """The records' signature, to skip files already done, after every node with CPUs has said that it has
+    the model: a worker on a node without it would fail (and be restarted) for as long as the run lasts, so
+    a model missing on one node is one line before any work. Each record still carries the signature of
+    the model its worker loaded."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from ..tasks.summarize import make_signature
 
-    local = job.model is None or Path(str(job.model)).expanduser().is_file()
-    found = describe_model(job.as_dict()) if local else None
-    if found is None or "error" in found:
-        remote = ray.remote(num_cpus=job.runtime.threads, max_retries=0)(describe_model)
-        found = ray.get(remote.remote(job.as_dict()))
-    if "error" in found:
-        raise ModelError(found["error"])
-    return make_signature(found["name"], found["size"], job.extend, job.sampling, job.prompt, job.schema)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    if not nodes:
+        raise ModelError("the Ray cluster has no node with CPUs to run on")
+    remote = ray.remote(num_cpus=0, max_retries=0)(describe_model)
+    pending = [
+        remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            job.as_dict()
+        )
+        for n in nodes
+    ]
+    found = ray.get(pending, timeout=NODE_CHECK_SECONDS)
+    for node, answer in zip(nodes, found):
+        if "error" in answer:
+            where = f"{node.get('NodeManagerAddress', '?')} (node {node['NodeID'][:8]})"
+            raise ModelError(answer["error"].replace(f"on Ray worker {answer['host']}", f"on Ray node {where}"))
+    first = found[0]
+    return make_signature(first["name"], first["size"], job.extend, job.sampling, job.prompt, job.schema)
 
 
 def _read(path: Path, digest: str | None) -> tuple[str | None, str | None]:
@@ -235,17 +260,37 @@ def run_on_ray(
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     for start in range(0, len(todo), WAVE_FILES):
-        items, pending = [], {}
+        items = []
         for path, digest in todo[start : start + WAVE_FILES]:
             text, error = _read(path, digest)
             if error is not None:
                 yield finish_record(new_record(path, digest, signature), None, error, 0.0)
                 continue
             items.append({"path": str(path), "sha256": digest or "", "text": text})
-            pending[str(path)] = digest
-        if not items:
-            continue
-        dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // job.parallel))
+        for _ in range(WAVE_ATTEMPTS):
+            if not items:
+                break
+            done = yield from _wave(ray, job, items, _workers_now(ray, workers, job.runtime.threads), gpus)
+            items = [item for item in items if item["path"] not in done]
+        for item in items:  # every attempt's batch failed on every retry
+            error = f"its Ray worker was lost {WAVE_ATTEMPTS * (RETRIES + 1)} times (crashed, or its node went away)"
+            record = new_record(Path(item["path"]), item["sha256"] or None, signature)
+            yield finish_record(record, None, error, 0.0)
+
+
+def _workers_now(ray, workers: int, threads: int) -> int:
+    """The workers the cluster can place now (a node may have gone since the run began)."""
+    cpus = int(ray.available_resources().get("CPU", 0) + 0.5) or int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(workers, cpus // max(threads, 1)))
+
+
+def _wave(ray, job: Job, items: list[dict], workers: int, gpus: float):
+    """One Ray Data pass over ``items``: yields each record as it arrives; returns the paths done."""
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // job.parallel))
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing actor options here but has no other way to bound a batch's
+        # retries; its default retries a batch that kills its worker for ever.
+        warnings.simplefilter("ignore", DeprecationWarning)
         results = dataset.map_batches(
             SummaryWorker,
             fn_constructor_kwargs={"job": job.as_dict()},
@@ -256,10 +301,10 @@ def run_on_ray(
             max_restarts=-1,
             max_task_retries=RETRIES,
         )
-        for row in results.iter_rows():
-            record = json.loads(row["record"])
-            if pending.pop(record["path"], "gone") != "gone":
-                yield record
-        for path, digest in pending.items():  # their batch failed on every retry
-            error = f"a Ray worker died on this file {RETRIES + 1} times"
-            yield finish_record(new_record(Path(path), digest, signature), None, error, 0.0)
+    done: set[str] = set()
+    for row in results.iter_rows():
+        record = json.loads(row["record"])
+        if record["path"] not in done:
+            done.add(record["path"])
+            yield record
+    return done

@@ -14,6 +14,7 @@ import hmac
 import json
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 
 from ..engine.errors import InputTooLongError, Interrupted, Naming, SelfExtendError
-from ..engine.grammar import response_format_grammar
+from ..engine.grammar import ReplyError, Structure, response_format_structure
 from ..engine.model import Model
 from ..engine.sampling import Chunk, check_grammar
 from ..engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
@@ -35,6 +36,7 @@ from .worker import Worker
 EXTRA_FIELD = "selfextend"  # the extra body field for per-request settings: {"group": 4, "window": 2048, ...}
 _DEFAULTS = SamplingSettings()
 DISCONNECT_POLL = 0.2  # seconds between checks that a non-streaming client is still there
+PREP_THREADS = 2  # threads that turn request bodies into engine requests (tokens, grammars)
 
 
 def http_naming(input_param: str) -> Naming:
@@ -42,6 +44,7 @@ def http_naming(input_param: str) -> Naming:
     or ``prompt``; the server's own options as its command line does."""
     names = {key: f"{EXTRA_FIELD}.{key}" for key in ("group", "window", "schedule", "division")}
     names.update(input=input_param, ctx="the server's --ctx", llama_log="serve --llama-log")
+    names.update(grammar="response_format")  # a request gives a grammar only as a response format
     return Naming(names)
 
 
@@ -85,18 +88,20 @@ class APIError(Exception):
 
 
 class SelfExtendOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     group: int | None = Field(default=None, gt=0)
     window: int | None = Field(default=None, gt=0)
     schedule: str = "neighbor"
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: str
     text: str | None = None
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
     role: str
     content: str | list[TextPart] | None = None
 
@@ -118,9 +123,35 @@ class Message(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+# OpenAI's fields this server does not honour, with the values that change nothing (accepted); any other
+# value is refused by name, as `Llama` refuses the same arguments. Fields that only describe the caller are
+# ignored, as OpenAI's own documentation says they may be.
+NEUTRAL_FIELDS: dict[str, tuple] = {
+    "frequency_penalty": (0, 0.0, None),
+    "presence_penalty": (0, 0.0, None),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+}
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
+
+
 class CommonRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = None
     max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
@@ -132,8 +163,23 @@ class CommonRequest(BaseModel):
 
     input_param: ClassVar[str] = "prompt"  # how the request names its input, for errors
 
-    def grammar(self) -> str | None:
+    def structure(self) -> Structure | None:
         return None
+
+    def refuse_unsupported(self) -> None:
+        """A 400 naming the first field this server does not honour (or does not know)."""
+        for key, value in (self.model_extra or {}).items():
+            if key in IGNORED_FIELDS or (key in NEUTRAL_FIELDS and value in NEUTRAL_FIELDS[key]):
+                continue
+            if key in NEUTRAL_FIELDS:
+                message = f"{key} is not supported by this server; leave it out"
+            else:
+                message = f"unrecognised request field {key!r}"
+            raise APIError(400, message, param=key, code="unsupported_field")
+
+    @property
+    def reply_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class ChatRequest(CommonRequest):
@@ -142,8 +188,8 @@ class ChatRequest(CommonRequest):
 
     input_param: ClassVar[str] = "messages"
 
-    def grammar(self) -> str | None:
-        return response_format_grammar(self.response_format)
+    def structure(self) -> Structure | None:
+        return response_format_structure(self.response_format)
 
 
 class CompletionRequest(CommonRequest):
@@ -164,9 +210,11 @@ class Server:
     api_key: str | None = None
     allowed_hosts: set[str] | None = None
     model_id: str = field(init=False)
+    prep: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.model_id = self.model.path.stem
+        self.prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="selfextend-prep")
 
 
 def _bearer_token(header: str) -> str:
@@ -234,6 +282,7 @@ def create_app(
     async def lifespan(app: FastAPI):
         yield
         worker.stop()
+        server.prep.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="selfextend-local", version="1", lifespan=lifespan)
     app.state.server = server
@@ -253,9 +302,9 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 def settings_for(req: CommonRequest, server: Server) -> tuple[ExtendSettings, SamplingSettings]:
     """The request's SelfExtend and sampling settings; errors name the request's own fields."""
     limits, base = server.limits, server.extend
-    if req.max_tokens and req.max_tokens > limits.max_tokens:
+    if req.reply_tokens and req.reply_tokens > limits.max_tokens:
         raise APIError(
-            400, f"max_tokens {req.max_tokens} is over this server's limit {limits.max_tokens}", param="max_tokens"
+            400, f"max_tokens {req.reply_tokens} is over this server's limit {limits.max_tokens}", param="max_tokens"
         )
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     own = req.selfextend
@@ -266,16 +315,16 @@ def settings_for(req: CommonRequest, server: Server) -> tuple[ExtendSettings, Sa
             own.schedule if own else base.schedule,
             base.division,
         )
-        grammar = req.grammar()
-        if grammar is not None:
-            check_grammar(server.model.vocab, grammar)
+        structure = req.structure()
+        if structure is not None:
+            check_grammar(server.model.vocab, structure.grammar)
         sampling = SamplingSettings(
             temperature=_DEFAULTS.temperature if req.temperature is None else req.temperature,
             top_p=_DEFAULTS.top_p if req.top_p is None else req.top_p,
             seed=req.seed,
-            max_tokens=req.max_tokens or _DEFAULTS.max_tokens,
+            max_tokens=req.reply_tokens or _DEFAULTS.max_tokens,
             stop=tuple(s for s in stops if s),
-            grammar=grammar,
+            **(structure.fields() if structure else {}),
         )
     except SelfExtendError as exc:
         raise APIError.of(exc, http_naming(req.input_param)) from None
@@ -309,6 +358,8 @@ class Call:
         item = await self.events.get()
         if isinstance(item, Interrupted):
             raise APIError(503, "the request was cancelled: the server is stopping", kind="server_error")
+        if isinstance(item, ReplyError):
+            raise APIError.of(item, naming, status=422, code="reply_not_valid")
         if isinstance(item, SelfExtendError):
             raise APIError.of(item, naming)
         if isinstance(item, Exception):
@@ -322,7 +373,7 @@ STARTED = "started"  # the first event of a call: it has a slot, and its prompt 
 async def start(tokens: list[int], req: CommonRequest, server: Server) -> tuple[Call, AsyncIterator[Chunk]]:
     """Plan the request (a bad one is refused now), queue it, and wait until it has a slot."""
     naming = http_naming(req.input_param)
-    extend, sampling = settings_for(req, server)
+    extend, sampling = await off_loop(server, settings_for, req, server)
     call = Call(asyncio.get_running_loop())
     request = call.request(tokens, extend, sampling)
     try:
@@ -386,9 +437,17 @@ async def respond(request: Request, req: CommonRequest, tokens: list[int], chat:
 async def parse(request: Request, schema: type[CommonRequest]) -> CommonRequest:
     data = await _read_json(request, request.app.state.server.limits.max_body_bytes)
     try:
-        return schema.model_validate(data)
+        req = schema.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    req.refuse_unsupported()
+    return req
+
+
+async def off_loop(server: Server, work, *args):
+    """Run ``work(*args)`` on the server's preparation threads: converting a schema, checking a grammar or
+    tokenizing 8 MiB of text must not stop the event loop (``/health`` and every other client wait on it)."""
+    return await asyncio.get_running_loop().run_in_executor(server.prep, work, *args)
 
 
 def _validation_error(exc: ValidationError) -> APIError:
@@ -454,16 +513,26 @@ async def models(request: Request) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     req = await parse(request, ChatRequest)
-    model = request.app.state.server.model
+    server: Server = request.app.state.server
     messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
+    return await respond(request, req, await off_loop(server, chat_tokens, server.model, messages), chat=True)
+
+
+def chat_tokens(model: Model, messages: list[dict]) -> list[int]:
+    """The conversation's tokens through the model's chat template (its lines joined, without one)."""
     try:
         if model.info.chat_template:
-            tokens = model.chat_tokens(messages)
-        else:
-            tokens = model.tokenize("\n".join(m["content"] for m in messages))
+            return model.chat_tokens(messages)
+        return model.tokenize("\n".join(m["content"] for m in messages))
     except SelfExtendError as exc:
         raise APIError.of(exc, http_naming("messages")) from None
-    return await respond(request, req, tokens, chat=True)
+
+
+def prompt_tokens(model: Model, prompt: str) -> list[int]:
+    try:
+        return model.tokenize(prompt)
+    except SelfExtendError as exc:
+        raise APIError.of(exc, http_naming("prompt")) from None
 
 
 @router.post("/v1/completions")
@@ -471,8 +540,8 @@ async def completions(request: Request):
     req = await parse(request, CompletionRequest)
     if not req.prompt:
         raise APIError(400, "prompt is empty", param="prompt")
-    model = request.app.state.server.model
-    return await respond(request, req, model.tokenize(req.prompt), chat=False)
+    server: Server = request.app.state.server
+    return await respond(request, req, await off_loop(server, prompt_tokens, server.model, req.prompt), chat=False)
 
 
 async def _events(chunks: AsyncIterator[Chunk], reply: Reply, include_usage: bool):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..engine.errors import InputTooLongError, Name, SelfExtendError
 from ..engine.generate import generate
-from ..engine.grammar import schema_grammar
+from ..engine.grammar import schema_structure
 from ..engine.memory import max_cells
 from ..engine.model import Model
 from ..engine.planning import default_setting, max_input, plan_for
@@ -112,7 +112,7 @@ class Summarizer:
     def sampling_for(self, final: bool) -> SamplingSettings:
         if not final or self.schema is None:
             return self.sampling
-        return replace(self.sampling, grammar=schema_grammar(self.schema))
+        return replace(self.sampling, **schema_structure(self.schema).fields())
 
     def _tokens(self, template: str, text: str) -> list[int]:
         content = template.replace("{text}", text)
