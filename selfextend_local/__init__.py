@@ -19,6 +19,7 @@ _PUBLIC = {
     "stream_generate": "engine.generate",
     "Engine": "engine.slots",
     "Request": "engine.slots",
+    "Scheduler": "engine.scheduler",
     "ExtendSettings": "engine.settings",
     "RuntimeSettings": "engine.settings",
     "SamplingSettings": "engine.settings",

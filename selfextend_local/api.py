@@ -16,13 +16,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from .engine import scheduler
 from .engine.errors import PYTHON, BadInputError, SelfExtendError
 from .engine.grammar import Structure, response_format_structure
-from .engine.planning import Plan, align_cells, plan_for
+from .engine.planning import Plan, plan_for
 from .engine.sampling import Chunk, check_grammar
+from .engine.scheduler import Scheduler
 from .engine.session import Session, run
 from .engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
-from .engine.slots import Engine, Request
+from .engine.slots import Request
 from .serving.openai import Reply
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama-cpp-python's "no seed": a fresh one each call
@@ -100,7 +102,12 @@ def _refuse_unsupported(given: dict, neutral: dict, where: str) -> None:
     unsupported = sorted(k for k, v in given.items() if v != neutral[k])
     if unsupported:
         shown = ", ".join(f"{k}={given[k]!r}" for k in unsupported)
-        raise BadInputError(f"selfextend_local.Llama does not support {shown} in {where}; leave them out")
+        raise BadInputError(
+            "selfextend_local.Llama does not support {shown} in {where}; leave them out",
+            param=unsupported[0],
+            shown=shown,
+            where=where,
+        )
 
 
 @contextmanager
@@ -241,15 +248,15 @@ class Llama:
         *,
         n_ctx: int | None = None,
         n_threads: int | None = None,
-        n_gpu_layers: int = 0,
-        n_batch: int = 512,
+        n_gpu_layers: int = RuntimeSettings.gpu_layers,
+        n_batch: int = RuntimeSettings.batch,
         seed: int = LLAMA_DEFAULT_SEED,
         verbose: bool = False,
-        group: int | None = None,
-        window: int | None = None,
-        schedule: str = "neighbor",
-        division: str = "auto",
-        kv_type: str = "f16",
+        group: int | None = ExtendSettings.group,
+        window: int | None = ExtendSettings.window,
+        schedule: str = ExtendSettings.schedule,
+        division: str = ExtendSettings.division,
+        kv_type: str = RuntimeSettings.kv_type,
         **kwargs,
     ) -> None:
         from .engine import llama_log
@@ -294,7 +301,9 @@ class Llama:
 
         for ignored in ("additional_files", "local_dir", "local_dir_use_symlinks", "cache_dir"):
             if kwargs.pop(ignored, None) is not None:
-                raise BadInputError(f"selfextend_local.Llama.from_pretrained does not support {ignored}")
+                raise BadInputError(
+                    "selfextend_local.Llama.from_pretrained does not support {name}", param=ignored, name=ignored
+                )
         with _python_names():
             path = download(repo_id, file=filename)
         return cls(path, **kwargs)
@@ -557,46 +566,43 @@ def _content(message: dict) -> str:
 
 def _run_batch(model, runtime, extend, calls: list[_Call], parallel: int, progress) -> list[dict]:
     """Every call in one context of up to ``parallel`` slots; responses in the order of ``calls``."""
-    from .engine import capacity
-
     if not calls:
         return []
-    needed = max(align_cells(len(c.tokens) + c.sampling.max_tokens) for c in calls)
-    chosen = capacity.choose(model, runtime, extend, slots=min(parallel, len(calls)), cells=runtime.ctx or needed)
-    results: list[dict | None] = [None] * len(calls)
-    with Engine.create(model, chosen.slots, chosen.cells, runtime) as engine:
-        requests = [_BatchItem(i, call, results, engine, extend) for i, call in enumerate(calls)]  # planned now
-        waiting = list(reversed(requests))
-        done = 0
-        while waiting or engine.active:
-            while waiting and engine.free:
-                engine.add(waiting.pop().request)
-            engine.step()
-            for item in requests:
-                if item.error is not None:
-                    raise item.error
-            finished = sum(r is not None for r in results)
-            if progress and finished > done:
-                done = finished
-                progress(done, len(calls))
-    return results
+    longest = max(len(c.tokens) + c.sampling.max_tokens for c in calls)
+    chosen = scheduler.size(model, runtime, extend, slots=min(parallel, len(calls)), longest=longest)
+    batch = _Batch(calls, progress)
+    with Scheduler.create(model, runtime, capacity=chosen) as serving:
+        for i, call in enumerate(calls):  # each planned as it is submitted: one that cannot fit fails first
+            serving.submit(
+                Request(call.tokens, call.sampling, extend, on_chunk=batch.chunk_for(i), on_error=batch.fail)
+            )
+        for _ in serving.steps():
+            if batch.error is not None:
+                raise batch.error
+    return batch.results
 
 
-class _BatchItem:
-    """One call of a batch: its request (planned when made, so a prompt that cannot fit fails before any
-    work) and where its response goes."""
+class _Batch:
+    """Where the replies of a batch go: each call's text, then its response in its place."""
 
-    def __init__(self, index: int, call: _Call, results: list, engine: Engine, extend: ExtendSettings) -> None:
-        self.index, self.call, self.results = index, call, results
-        self.parts: list[str] = [call.echo]
+    def __init__(self, calls: list[_Call], progress) -> None:
+        self.calls, self.progress = calls, progress
+        self.results: list[dict | None] = [None] * len(calls)
+        self.parts: list[list[str]] = [[c.echo] for c in calls]
+        self.done = 0
         self.error: Exception | None = None
-        self.request = Request(call.tokens, call.sampling, extend, on_chunk=self.on_chunk, on_error=self.on_error)
-        self.request.plan = engine.plan(self.request)
 
-    def on_chunk(self, chunk: Chunk) -> None:
-        self.parts.append(chunk.text)
-        if chunk.finish_reason is not None:
-            self.results[self.index] = self.call.reply.whole("".join(self.parts), chunk, len(self.call.tokens))
+    def chunk_for(self, index: int) -> Callable[[Chunk], None]:
+        def on_chunk(chunk: Chunk) -> None:
+            self.parts[index].append(chunk.text)
+            if chunk.finish_reason is not None:
+                call = self.calls[index]
+                self.results[index] = call.reply.whole("".join(self.parts[index]), chunk, len(call.tokens))
+                self.done += 1
+                if self.progress:
+                    self.progress(self.done, len(self.calls))
 
-    def on_error(self, exc: Exception) -> None:
-        self.error = exc
+        return on_chunk
+
+    def fail(self, exc: Exception) -> None:
+        self.error = self.error or exc

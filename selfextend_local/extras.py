@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .engine.errors import BadInputError
+from .engine.errors import BadInputError, Name
 
 # module -> (the PyPI package, the extra of selfextend-local that installs it)
 EXTRAS = {
@@ -17,13 +17,16 @@ EXTRAS = {
 }
 
 
-def require(module: str, what: str) -> ModuleType:
-    """Import ``module`` for ``what`` (e.g. "drawing plots"), or say in one line how to install it."""
+def require(module: str, what: str | Name) -> ModuleType:
+    """Import ``module`` for ``what`` (e.g. "drawing plots", or a setting's ``Name("ray")``), or say in one
+    line how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError:
         package, extra = EXTRAS[module.split(".")[0]]
-        raise BadInputError(f"{what} needs {package}: pip install 'selfextend-local[{extra}]'") from None
+        raise BadInputError(
+            "{what} needs {package}: pip install 'selfextend-local[{extra}]'", what=what, package=package, extra=extra
+        ) from None
 
 
 def pyplot():

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine.errors import BadInputError, ModelError
+from .engine.errors import BadInputError, ModelError, Name
 from .paths import models_dir
 
 SPLIT = re.compile(r"-(\d{5})-of-(\d{5})$")
@@ -54,16 +54,20 @@ def _hub_error(repo: str, exc: Exception) -> ModelError:
     from huggingface_hub import errors
 
     if isinstance(exc, errors.GatedRepoError):
-        return ModelError(f"{repo} is gated: accept its terms on the hub and set HF_TOKEN to a token with access")
+        return ModelError(
+            "{repo} is gated: accept its terms on the hub and set HF_TOKEN to a token with access", repo=repo
+        )
     if isinstance(exc, errors.RepositoryNotFoundError):
-        return ModelError(f"repository {repo} was not found on the hub (if it is private, set HF_TOKEN)")
+        return ModelError("repository {repo} was not found on the hub (if it is private, set HF_TOKEN)", repo=repo)
     if isinstance(exc, errors.RevisionNotFoundError):
-        return ModelError(f"repository {repo} has no such revision")
+        return ModelError("repository {repo} has no such revision", repo=repo)
     if isinstance(exc, errors.HfHubHTTPError):
-        return ModelError(f"the hub refused the request for {repo}: {str(exc).splitlines()[0]}")
+        return ModelError("the hub refused the request for {repo}: {why}", repo=repo, why=str(exc).splitlines()[0])
     where = endpoint() or "huggingface.co"
     return ModelError(
-        f"cannot reach the hub at {where} ({type(exc).__name__}); check the network, or set HF_HUB_OFFLINE=1"
+        "cannot reach the hub at {where} ({why}); check the network, or set HF_HUB_OFFLINE=1",
+        where=where,
+        why=type(exc).__name__,
     )
 
 
@@ -95,8 +99,11 @@ def _check_reachable(repo: str) -> None:
     where = endpoint() or "https://huggingface.co"
     if reason := unreachable(where):
         raise ModelError(
-            f"cannot reach the hub at {where} for {repo} ({reason}); check the network, "
-            "or set HF_HUB_OFFLINE=1 to use the models already downloaded"
+            "cannot reach the hub at {where} for {repo} ({reason}); check the network, "
+            "or set HF_HUB_OFFLINE=1 to use the models already downloaded",
+            where=where,
+            repo=repo,
+            reason=reason,
         )
 
 
@@ -141,25 +148,48 @@ def choose(files: list[RemoteFile], repo: str, quant: str | None = None, file: s
     """The files to fetch (every part of a split model), or a one-line error that lists the choices."""
     groups = _by_model(files)
     if not groups:
-        raise ModelError(f"{repo} has no .gguf files")
+        raise ModelError("{repo} has no .gguf files", repo=repo)
     if file:
         match = [g for g in groups.values() if any(_names_file(f, file) for f in g)]
         names = ", ".join(Path(g[0].path).name for g in match or groups.values())
         if not match:
-            raise ModelError(f"{repo} has no file {file!r}; its GGUF files: {names}")
+            raise ModelError(
+                "{repo} has no file {file!r}; its GGUF files: {names}", param="file", repo=repo, file=file, names=names
+            )
         if len(match) > 1:
-            raise BadInputError(f"{file!r} matches several models in {repo} ({names}); give one file name")
+            raise BadInputError(
+                "{file!r} matches several models in {repo} ({names}); give one file name",
+                param="file",
+                file=file,
+                repo=repo,
+                names=names,
+            )
         return match[0]
     if quant:
         match = [g for g in groups.values() if (g[0].quant or "").upper() == quant.upper()]
         if not match:
-            raise ModelError(f"{repo} has no {quant.upper()} GGUF; available: {_choices(groups)}")
+            raise ModelError(
+                "{repo} has no {quant} GGUF; available: {choices}",
+                param="quant",
+                repo=repo,
+                quant=quant.upper(),
+                choices=_choices(groups),
+            )
     else:
         match = list(groups.values())
     if len(match) > 1:
         names = ", ".join(Path(g[0].path).name for g in match)
         what = f"several {quant.upper()} files" if quant else "several GGUF files"
-        raise BadInputError(f"{repo} has {what} ({names}); choose with --quant ({_choices(groups)}) or --file NAME")
+        raise BadInputError(
+            "{repo} has {what} ({names}); choose with {quant} ({choices}) or {file} NAME",
+            param="quant",
+            repo=repo,
+            what=what,
+            names=names,
+            choices=_choices(groups),
+            quant=Name("quant"),
+            file=Name("file"),
+        )
     return match[0]
 
 
@@ -181,8 +211,9 @@ def _fetch(repo: str, remote: RemoteFile, target: Path, token: str | None) -> Pa
     if remote.sha256 and sha256_of(local) != remote.sha256:
         local.unlink(missing_ok=True)
         raise ModelError(
-            f"checksum mismatch for {remote.path} from {repo}: the file was removed; try again, "
-            "and report it if it persists"
+            "checksum mismatch for {file} from {repo}: the file was removed; try again, and report it if it persists",
+            file=remote.path,
+            repo=repo,
         )
     return local
 
@@ -209,12 +240,15 @@ def download(
 ) -> Path:
     """Fetch the chosen GGUF (every part of a split) into ``dest/REPO`` and return the first part."""
     if repo.count("/") != 1:
-        raise BadInputError(f"{repo!r} is not a repository id; use OWNER/NAME")
+        raise BadInputError("{repo!r} is not a repository id; use OWNER/NAME", repo=repo)
     if offline():
         found = local_matches(repo, quant, file, dest)
         if not found:
             raise ModelError(
-                f"HF_HUB_OFFLINE is set and {repo} ({quant or file or 'any'}) is not in {repo_dir(repo, dest)}"
+                "HF_HUB_OFFLINE is set and {repo} ({which}) is not in {folder}",
+                repo=repo,
+                which=quant or file or "any",
+                folder=repo_dir(repo, dest),
             )
         return found[0]
     token = token or os.environ.get("HF_TOKEN")

@@ -31,7 +31,12 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
 
         return fetch_for_model_option(text)
     names = ", ".join(p.name for p in local_models()) or "none downloaded yet"
-    raise ModelError(f"no model named {text!r}; pass a .gguf path, a local model ({names}) or REPO:QUANT")
+    raise ModelError(
+        "no model named {text!r}; pass a .gguf path, a local model ({names}) or REPO:QUANT",
+        param="model",
+        text=text,
+        names=names,
+    )
 
 
 def load_model(spec: str | os.PathLike | None = None, runtime: RuntimeSettings | None = None) -> Model:

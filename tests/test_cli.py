@@ -26,11 +26,16 @@ def assert_one_line_error(result, code, *fragments):
         assert fragment in error_lines[0], error_lines[0]
 
 
-def test_help_lists_commands(run):
+def test_help_lists_every_command_and_each_has_help(run):
+    from selfextend_local.cli import COMMANDS
+
     result = run("--help")
     assert result.exit_code == 0
-    for command in ("info", "generate", "chat"):
-        assert command in result.output
+    listed = result.output.split("Commands:")[1].split()
+    assert all(name in listed for name in COMMANDS), (sorted(COMMANDS), listed)
+    for name in COMMANDS:
+        own = run(name, "--help")
+        assert own.exit_code == 0 and f"Usage: main {name}" in own.output, (name, own.output)
 
 
 def test_info_shows_model_card_and_reach_table(run):
@@ -43,10 +48,16 @@ def test_info_shows_model_card_and_reach_table(run):
     assert " 2048  14,336  26,624  51,200" in result.stdout
 
 
-def test_generate_streams_an_answer(run):
-    result = run("generate", "--temperature", "0", "-n", "12", "What is the capital of France?")
+def test_generate_streams_the_greedy_answer(run):
+    """The command's answer is the model's own greedy reply to the question in its chat template."""
+    from selfextend_local import Llama
+
+    question = "What is the capital of France?"
+    result = run("generate", "--temperature", "0", "-n", "12", question)
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip()
+    with Llama() as llm:
+        reply = llm.create_chat_completion([{"role": "user", "content": question}], max_tokens=12, temperature=0)
+    assert result.stdout == reply["choices"][0]["message"]["content"] + "\n"
 
 
 def test_generate_reads_file_and_stdin(run, tmp_path):

@@ -152,7 +152,8 @@ def test_offline_mode_uses_the_downloaded_file(hub, monkeypatch, tmp_path):
 def test_model_option_downloads_on_first_use_then_runs(hub, tmp_path):
     result = run("generate", "--model", f"{REPO}:Q4_1", "--temperature", "0", "-n", "5", "Hello")
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip()
+    bundled = run("generate", "--temperature", "0", "-n", "5", "Hello")  # the same file, served by the hub
+    assert result.stdout == bundled.stdout and result.stdout.strip()
     assert (tmp_path / "models" / REPO / MODEL_FILE).exists()
     hub.requests.clear()
     again = run("generate", "--model", f"{REPO}:Q4_1", "--temperature", "0", "-n", "5", "Hello")

@@ -118,3 +118,45 @@ def test_public_names_import_from_the_top():
         assert done.stdout.strip().startswith("selfextend_local.")
     for name in selfextend_local.__all__:
         assert getattr(selfextend_local, name).__module__.startswith("selfextend_local."), name
+
+
+def step_calls(path: Path) -> list[str]:
+    """``.step(...)`` calls in a file, as "FILE:LINE RECEIVER"."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "step":
+            found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node.func.value)}")
+    return found
+
+
+def test_the_engine_is_stepped_in_one_place():
+    """Only the scheduler steps the engine: every front end (and every test and script) is its client."""
+    root = PACKAGE.parent
+    files = [*PACKAGE.rglob("*.py"), *(root / "tests").glob("*.py"), *(root / "scripts").glob("*.py")]
+    calls = [c for path in files for c in step_calls(path)]
+    engine_steps = [c for c in calls if c.endswith("engine")]
+    assert [c.split(" ")[0].split(":")[0] for c in engine_steps] == ["selfextend_local/engine/scheduler.py"], calls
+    assert all(c.startswith("selfextend_local/engine/") for c in calls), calls
+
+
+def string_constants(tree: ast.AST) -> list[tuple[int, str]]:
+    """Every string literal, f-string parts included."""
+    return [(n.lineno, n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+FLAG = __import__("re").compile(r"(?<![\w-])--[a-z][a-z-]+")
+
+
+def test_no_command_line_flag_is_named_below_the_cli():
+    """Errors below cli/ name settings through fields (`Name("group")`), worded by each front end: a flag
+    in their text would reach Python and HTTP users (and `----cache-size` came from one)."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0] == "cli" or relative.name in ("llama_build.py", "testing.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        raises = [node for node in ast.walk(tree) if isinstance(node, ast.Raise) and node.exc is not None]
+        for node in raises:
+            found += [f"{relative}:{line} {text!r}" for line, text in string_constants(node.exc) if FLAG.search(text)]
+    assert found == []

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from selfextend_local.engine.errors import BadInputError, InputTooLongError
-from selfextend_local.engine.planning import largest_position, max_input, plan, suggest
+from selfextend_local.engine.planning import max_input, plan
+from selfextend_local.engine.schedules import make_schedule
 from selfextend_local.engine.settings import ExtendSettings
 
 L = 8192
@@ -28,10 +29,16 @@ def test_context_is_sized_to_the_input_not_g_times_l():
 
 
 def test_planned_group_keeps_positions_within_the_rule_of_thumb():
+    """Checked by running the schedule the plan chose over the input (not by the planner's own formula):
+    no position the model sees is beyond 2/3 of its training context."""
     for n in (9_000, 20_000, 60_000, 200_000):
         chosen = plan(L, n, ExtendSettings())
-        assert largest_position(n, chosen.group, chosen.window) <= 2 / 3 * L
-        assert max_input(L, chosen.group, chosen.window) >= n
+        schedule = make_schedule("neighbor", chosen.group, chosen.window)
+        for _ in range(0, n, 512):
+            schedule.prepare()
+            schedule.advance(512)
+        schedule.prepare()
+        assert schedule.next_pos <= 2 / 3 * L, (n, chosen)
 
 
 def test_family_setting_used_when_it_fits():
@@ -46,8 +53,7 @@ def test_too_long_names_a_setting_that_fits():
         plan(L, 30_000, ExtendSettings(group=4, window=2048))
     message = str(err.value)
     assert "26624" in message and "--group 8 --window 2048" in message
-    g, w = suggest(L, 30_000, 2048)
-    assert max_input(L, g, w) >= 30_000
+    assert plan(L, 30_000, ExtendSettings(group=8, window=2048)).n_ctx >= 30_000  # the suggestion serves it
 
 
 def test_beyond_every_setting_is_refused():
@@ -81,7 +87,7 @@ def test_ctx_smaller_than_input_is_refused():
 
 def test_errors_carry_the_setting_and_each_front_end_words_it():
     from selfextend_local.engine.errors import PYTHON
-    from selfextend_local.serving.server import http_naming
+    from selfextend_local.serving.http import http_naming
 
     with pytest.raises(InputTooLongError) as err:
         plan(L, 30_000, ExtendSettings(group=4, window=2048))

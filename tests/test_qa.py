@@ -132,9 +132,11 @@ def test_cli_qa_and_cache_commands(tmp_path):
 def test_cli_interactive(tmp_path):
     path = tmp_path / "doc.txt"
     path.write_text(DOC)
-    result = run("qa", "--doc", str(path), "--no-cache", "-i", "--temperature", "0", "-n", "6", input=f"{Q1}\n/exit\n")
+    args = ["qa", "--doc", str(path), "--no-cache", "--temperature", "0", "-n", "6"]
+    result = run(*args, "-i", input=f"{Q1}\n/exit\n")
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip()
+    asked = run(*args, Q1)  # the same question as an argument: the same greedy answer
+    assert result.stdout == asked.stdout and asked.stdout.strip()
 
 
 @pytest.mark.parametrize(

@@ -265,7 +265,7 @@ def test_an_address_that_answers_but_is_not_ray(tmp_path):
 
 
 def test_workers_beyond_the_cluster_are_clamped():
-    from selfextend_local.serving.distributed import plan_workers
+    from selfextend_local.cli.ray import plan_workers
 
     assert plan_workers(None, 2, 1) == (2, None)
     workers, said = plan_workers(100, 2, 1)

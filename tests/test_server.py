@@ -228,3 +228,51 @@ def test_four_clients_at_once_get_what_each_gets_alone():
 
 def status_of(url) -> dict:
     return httpx.get(f"{url}/v1/status").json()
+
+
+def test_a_field_left_out_is_the_servers_setting_and_every_response_says_what_served_it():
+    """A server started with --schedule llamacpp: a request giving only a group keeps llamacpp (it was
+    served with neighbor); the response's `selfextend` says which setting served it."""
+    proc, url = start_server("--schedule", "llamacpp", "--parallel", "1", "--ctx", "2048")
+    try:
+        body = {"prompt": "The river", "max_tokens": 4, "temperature": 0}
+        plain = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+        assert plain["selfextend"]["schedule"] == "llamacpp" and plain["selfextend"]["kv_type"] == "f16"
+        grouped = httpx.post(f"{url}/v1/completions", json={**body, "selfextend": {"group": 4}}, timeout=120).json()
+        assert grouped["selfextend"]["group"] == 4 and grouped["selfextend"]["schedule"] == "llamacpp"
+        assert grouped["selfextend"]["window"] % 4 == 0
+        own = {**body, "selfextend": {"group": 2, "window": 512, "schedule": "neighbor"}}
+        assert httpx.post(f"{url}/v1/completions", json=own, timeout=120).json()["selfextend"] == {
+            "group": 2,
+            "window": 512,
+            "schedule": "neighbor",
+            "kv_type": "f16",
+        }
+        streamed = httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=120).text
+        last = [line for line in streamed.splitlines() if line.startswith("data:") and "finish_reason" in line][-1]
+        assert '"selfextend": {"group": 1' in last
+    finally:
+        stop_server(proc)
+
+
+def test_a_long_prompt_streams_its_reading_progress_when_asked(client):
+    """`return_progress`, as llama.cpp's server names it: chunks with prompt_progress, total, cache,
+    processed and time_ms, before the first token; none unless asked."""
+    text = pydoc_text()[:6000]  # ~1.5k tokens: three chunks of 512
+    asked = client.completions.create(
+        model="m", prompt=text, max_tokens=2, temperature=0, stream=True, extra_body={"return_progress": True}
+    )
+    progress, tokens = [], 0
+    for event in asked:
+        extra = event.model_extra or {}
+        if "prompt_progress" in extra:
+            assert tokens == 0  # all of it before the first token
+            progress.append(extra["prompt_progress"])
+        elif event.choices and event.choices[0].text:
+            tokens += 1
+    total = progress[-1]["total"]
+    assert total > 1000 and progress[-1]["processed"] == total and len(progress) >= 3
+    assert [p["processed"] for p in progress] == sorted(p["processed"] for p in progress)
+    assert all(set(p) == {"total", "cache", "processed", "time_ms"} for p in progress)
+    quiet = client.completions.create(model="m", prompt=text, max_tokens=2, temperature=0, stream=True)
+    assert not any("prompt_progress" in (event.model_extra or {}) for event in quiet)

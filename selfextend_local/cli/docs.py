@@ -34,7 +34,7 @@ def _cache(cache_dir: Path | None, cache_size: float):
     from ..engine.kvcache import KVCache
     from ..engine.settings import check_range
 
-    check_range("--cache-size", cache_size, 0, MAX_CACHE_GIB, low_open=True)
+    check_range("cache_size", cache_size, 0, MAX_CACHE_GIB, low_open=True)
     return KVCache(cache_dir, int(cache_size * (1 << 30)))
 
 
@@ -221,8 +221,8 @@ def summarize(
 
             check_grammar(llm.vocab, summarizer.sampling_for(final=True).grammar)
         todo = plan_files(summarizer.signature(), list(files), record_log, retry_failed)
-        with _engine_for(llm, runtime, extend, sampling, parallel, [path for path, _ in todo]) as engine:
-            _report(run(summarizer, todo, engine), record_log, files, len(todo), out)
+        with _scheduler_for(summarizer, parallel, [path for path, _ in todo]) as scheduler:
+            _report(run(summarizer, todo, scheduler), record_log, files, len(todo), out)
 
 
 def _read_schema(path: Path) -> dict:
@@ -243,23 +243,19 @@ def _read_schema(path: Path) -> dict:
     return schema
 
 
-def _engine_for(llm, runtime, extend, sampling, parallel: int, files):
-    """A batch engine of ``parallel`` slots sized for the largest file, or nothing for one at a time."""
+def _scheduler_for(summarizer, parallel: int, files):
+    """A scheduler of ``parallel`` slots sized for the longest file's call, or nothing for one at a time."""
     from contextlib import nullcontext
 
     if parallel == 1 or not files:
         return nullcontext(None)
-    from ..engine import capacity
-    from ..engine.planning import align_cells
-    from ..engine.slots import Engine
+    from ..engine import scheduler
 
-    largest = max((f.stat().st_size for f in files if f.is_file()), default=0)
-    need = align_cells(largest + 512 + sampling.max_tokens)  # a token is at least a byte
-    chosen = capacity.choose(llm, runtime, extend, parallel)
-    cells = min(chosen.cells, need) if not runtime.ctx else chosen.cells
-    engine = Engine.create(llm, chosen.slots, cells, runtime)
-    note(f"batched: {chosen.slots} slots of {engine.cells:,} cells")
-    return engine
+    model, runtime = summarizer.model, summarizer.runtime
+    chosen = scheduler.size(model, runtime, summarizer.extend, parallel, summarizer.longest_call(files))
+    made = scheduler.Scheduler.create(model, runtime, capacity=chosen)
+    note(f"batched: {made.slots} slots of {made.cells:,} cells")
+    return made
 
 
 def _report(records, record_log, files, total: int, out: Path) -> None:

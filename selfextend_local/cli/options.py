@@ -1,4 +1,6 @@
-"""Options shared by several commands, defined once: each has one name and one default everywhere."""
+"""Options shared by several commands, defined once: each has one name and one default everywhere, the
+default being the settings dataclass's own (:mod:`~..engine.settings`), as are the bounds (checked when the
+dataclass is made: an out-of-range value is a one-line error naming the option)."""
 
 from __future__ import annotations
 
@@ -72,22 +74,30 @@ runtime_options = _bundle(
         click.option("--ctx", type=int, default=None, help="Context cells to allocate. Default: what the input needs."),
         click.option("--threads", type=int, default=None, help="CPU threads. Default: the cores available."),
         click.option(
-            "--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (CUDA/Metal builds)."
+            "--gpu-layers",
+            type=int,
+            default=RuntimeSettings.gpu_layers,
+            show_default=True,
+            help="Layers to offload (CUDA/Metal builds).",
         ),
         click.option(
-            "--batch", type=int, default=512, show_default=True, help="Prompt tokens per decode (chunk size)."
+            "--batch",
+            type=int,
+            default=RuntimeSettings.batch,
+            show_default=True,
+            help="Prompt tokens per decode (chunk size).",
         ),
         click.option(
             "--kv-type",
             type=click.Choice(KV_TYPES),
-            default="f16",
+            default=RuntimeSettings.kv_type,
             show_default=True,
             help="KV cache type (K and V); q8_0 and q4_0 hold about 1.9x and 3.6x the tokens of f16.",
         ),
         click.option(
             "--flash-attn",
             type=click.Choice(FLASH_ATTN),
-            default="auto",
+            default=RuntimeSettings.flash_attn,
             show_default=True,
             help="llama.cpp's flash attention (needed to quantize V).",
         ),
@@ -110,14 +120,14 @@ extend_options = _bundle(
         click.option(
             "--schedule",
             type=click.Choice(SCHEDULES),
-            default="neighbor",
+            default=ExtendSettings.schedule,
             show_default=True,
             help="Position schedule: ours (neighbor) or llama.cpp's completion tool (llamacpp).",
         ),
         click.option(
             "--division",
             type=click.Choice(DIVISIONS),
-            default="auto",
+            default=ExtendSettings.division,
             show_default=True,
             help="Position division: probe and choose (auto), llama.cpp's seq_div, or seq_add emulation.",
         ),
@@ -128,11 +138,25 @@ extend_options = _bundle(
 sampling_options = _bundle(
     "sampling",
     [
-        click.option("--temperature", "--temp", type=float, default=0.7, show_default=True, help="0 means greedy."),
-        click.option("--top-k", type=int, default=40, show_default=True, help="0 turns top-k off."),
-        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option(
+            "--temperature",
+            "--temp",
+            type=float,
+            default=SamplingSettings.temperature,
+            show_default=True,
+            help="0 means greedy.",
+        ),
+        click.option("--top-k", type=int, default=SamplingSettings.top_k, show_default=True, help="0 turns top-k off."),
+        click.option("--top-p", type=float, default=SamplingSettings.top_p, show_default=True),
         click.option("--seed", type=int, default=None, help="Random seed. Default: a fresh one each run."),
-        click.option("--max-tokens", "-n", type=int, default=256, show_default=True, help="Most tokens to generate."),
+        click.option(
+            "--max-tokens",
+            "-n",
+            type=int,
+            default=SamplingSettings.max_tokens,
+            show_default=True,
+            help="Most tokens to generate.",
+        ),
         click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
     ],
     lambda temperature, top_k, top_p, seed, max_tokens, stop: SamplingSettings(

@@ -25,6 +25,18 @@ def check_address(address: str) -> str | None:
     return None if address == "local" else address
 
 
+def plan_workers(requested: int | None, cpus: int, threads: int) -> tuple[int, str | None]:
+    """Workers to start on a cluster of ``cpus`` CPUs at ``threads`` each, and a line when the request
+    was clamped (more workers than the cluster can place would wait for ever)."""
+    fit = max(1, cpus // threads)
+    if requested is None:
+        return fit, None
+    if requested > fit:
+        need = requested * threads
+        return fit, f"--workers {requested} x {threads} threads needs {need} CPUs; the cluster has {cpus}: using {fit}"
+    return requested, None
+
+
 @dataclass(frozen=True)
 class RayOptions:
     """Where and how wide a Ray run goes: ``--ray ADDRESS``, ``--workers``, ``--gpus``, ``--ray-timeout``."""
@@ -50,7 +62,7 @@ def summarize_on_ray(options: RayOptions, job, files, out: Path, retry_failed: b
         ray = distributed.connect(address, options.timeout)
         try:
             cpus = int(ray.cluster_resources().get("CPU", 1))
-            workers, clamped = distributed.plan_workers(options.workers, cpus, threads)
+            workers, clamped = plan_workers(options.workers, cpus, threads)
             if clamped:
                 log(clamped)
             log(f"Ray: {workers} workers x {threads} threads on a cluster of {cpus} CPUs")

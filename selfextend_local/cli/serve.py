@@ -8,6 +8,7 @@ import socket
 
 import click
 
+from ..serving.limits import ServerLimits
 from .display import log
 from .options import extend_options, log_options, model_option, runtime_options
 from .run import load_for_cli
@@ -49,6 +50,9 @@ def url_for(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
+_LIMITS = ServerLimits()  # the defaults, written once there
+
+
 @click.command()
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise)."
@@ -57,21 +61,21 @@ def url_for(host: str, port: int) -> str:
 @click.option("--api-key", default=None, help=f"Require 'Authorization: Bearer KEY' (or set {API_KEY_ENV}).")
 @click.option(
     "--queue-size",
-    default=8,
+    default=_LIMITS.queue_size,
     show_default=True,
     type=click.IntRange(0, 1000),
-    help="Requests that may wait behind the running one; more get 429.",
+    help="Requests that may wait for a slot; more get 429.",
 )
 @click.option(
     "--max-body",
-    default=8.0,
+    default=_LIMITS.max_body_bytes / (1 << 20),
     show_default=True,
     type=click.FloatRange(min=0, max=1024, min_open=True),
     help="Largest request body in MiB.",
 )
 @click.option(
     "--max-tokens-limit",
-    default=4096,
+    default=_LIMITS.max_tokens,
     show_default=True,
     type=click.IntRange(1, 1 << 20),
     help="Largest max_tokens a request may ask for.",
@@ -99,19 +103,19 @@ def serve(
     """
     import uvicorn
 
-    from ..engine import capacity
-    from ..serving.server import ServerLimits, create_app, loopback_hosts
+    from ..engine import scheduler
+    from ..serving.app import create_app, loopback_hosts
 
     api_key = api_key or os.environ.get(API_KEY_ENV)
     llm = load_for_cli(model, runtime, verbose)
-    chosen = capacity.choose(llm, runtime, extend, parallel)
-    limits = ServerLimits(queue_size, int(max_body * (1 << 20)), max_tokens_limit, chosen.slots, chosen.cells)
+    chosen = scheduler.size(llm, runtime, extend, parallel)
+    limits = ServerLimits(queue_size, int(max_body * (1 << 20)), max_tokens_limit)
     sock = _bind(host, port)
     port = sock.getsockname()[1]
     if not _is_loopback(host) and not api_key:
         log(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
     hosts = loopback_hosts(host, port) if _is_loopback(host) else None
-    app = create_app(llm, runtime, extend, api_key, limits, allowed_hosts=hosts)
+    app = create_app(llm, runtime, extend, api_key, limits, allowed_hosts=hosts, capacity=chosen)
     log(f"allocated {chosen.describe()}")
     log(f"serving {llm.path.name} on {url_for(host, port)}/v1 (queue {queue_size}, auth {'on' if api_key else 'off'})")
     # A stop (Ctrl-C, SIGTERM) waits this long for open streams, then cancels them and frees the worker.

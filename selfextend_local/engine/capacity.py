@@ -73,7 +73,7 @@ def choose(
         slots = max(1, min(DEFAULT_SLOTS, fit))
         reason = f"{slots} as the default is {DEFAULT_SLOTS} where half the available memory holds them"
     else:
-        reason = "--parallel as given"
+        reason = "as many slots as asked"
     if not cells and budget and slots * wanted > budget:
         floor = min(wanted, model.info.n_ctx_train)  # a slot smaller than the training context is of little use
         if budget // slots < floor:

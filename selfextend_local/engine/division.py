@@ -127,12 +127,14 @@ def probe(context: Decoder, native: Divide = divide_native) -> ProbeResult:
 def choose_divider(context: Decoder, mode: str, native: Divide = divide_native) -> Divider:
     """``auto``: native when the probe finds it correct, else emulated; or force one of the two."""
     if mode == "emulated":
-        return Divider("emulated", "forced with --division emulated", native=native)
+        return Divider("emulated", "forced (division emulated)", native=native)
     if mode not in ("auto", "native"):
-        raise BadInputError(f"unknown division {mode!r}; choose one of: auto, native, emulated", param="division")
+        raise BadInputError(
+            "unknown division {mode!r}; choose one of: auto, native, emulated", param="division", mode=mode
+        )
     result = probe(context, native)
     if mode == "native":
-        return Divider("native", "forced with --division native; " + result.describe(), result, native)
+        return Divider("native", "forced (division native); " + result.describe(), result, native)
     if result.native_correct:
         return Divider("native", result.describe(), result, native)
     reason = f"{result.describe()}; emulating division with seq_add; {HOW_TO_FIX}"

@@ -41,6 +41,8 @@ PYTHON = Naming(
         "gpu_layers": "n_gpu_layers",
         "llama_log": "verbose=True",
         "input": "prompt",
+        "model": "model_path",
+        "file": "filename",
     }
 )
 
@@ -91,6 +93,13 @@ class SelfExtendError(Exception):
 
     def __str__(self) -> str:
         return self.render(self.naming or CLI)
+
+    def located(self, where: str, **fields) -> SelfExtendError:
+        """The same error (class, setting, suggestions, fields) said of a place: ``where`` is a template
+        over ``fields`` put in front ("on Ray node {node}")."""
+        own = self.template if self.fields else self.template.replace("{", "{{").replace("}", "}}")
+        merged = {**self.fields, **fields}
+        return type(self)(where + ": " + own, param=self.param, suggested=self.suggested, **merged)
 
     def __reduce__(self):  # keep the fields across processes (Ray workers)
         return _rebuild, (type(self), self.template, self.param, self.suggested, self.fields)

@@ -38,6 +38,8 @@ _SHIFTS = (700, -250, 333, -180, 91, 306)  # each cell moves six times, as a tai
 # lost to a wrong shift (half of them dropped) 0.76-0.81.
 MIN_KL = 0.1
 NOISE_FACTOR = 5
+# What to do about a build that would crash: a template over ``kv_type``, the setting's name where it is shown.
+CRASH_FIX = "build llama.cpp with our fix (`selfextend-local build-llama`) or use {kv_type} f16"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class KShiftVerdict:
     safe: bool
     kl: float | None
     reason: str
+    crash: bool = False  # refused by rule: this build would crash (see CRASH_FIX)
 
     def describe(self) -> str:
         return self.reason
@@ -61,19 +64,18 @@ def rotation_disabled() -> bool:
 
 
 def crash_reason(info, kv_type: str, version: str) -> str | None:
-    """Why shifting a K cache of ``kv_type`` would crash this build (None: it would not)."""
+    """Why shifting a K cache of ``kv_type`` would crash this build (None: it would not); what to do about
+    it is :data:`CRASH_FIX`."""
     if patch_level(version) >= 2 or not (KV_TYPES[kv_type].quantized or kv_type == "bf16"):
         return None
-    fix = "build llama.cpp with our fix (`selfextend-local build-llama`) or use --kv-type f16"
     if kv_type == "bf16":  # ggml-cpu's RoPE takes f16 and f32 only, and the shift ropes K in place
-        return f"this llama.cpp aborts shifting a bf16 K cache on the CPU; {fix}"
+        return "this llama.cpp aborts shifting a bf16 K cache on the CPU"
     if info.mla or (info.n_rot and info.head_k and info.n_rot != info.head_k):
-        return f"this llama.cpp aborts shifting a quantized K of a model with partial rotary dimensions; {fix}"
+        return "this llama.cpp aborts shifting a quantized K of a model with partial rotary dimensions"
     if rotation_disabled():
-        return f"with LLAMA_ATTN_ROT_DISABLE set this llama.cpp crashes shifting a quantized K; {fix}"
+        return "with LLAMA_ATTN_ROT_DISABLE set this llama.cpp crashes shifting a quantized K"
     if info.head_k % 64:
-        size = info.head_k
-        return f"this llama.cpp crashes shifting a quantized K with a head size of {size} (not a multiple of 64); {fix}"
+        return f"this llama.cpp crashes shifting a quantized K with a head size of {info.head_k} (not a multiple of 64)"
     return None
 
 
@@ -92,7 +94,7 @@ def check(model, runtime) -> KShiftVerdict:
 def _decide(model, runtime, version: str) -> KShiftVerdict:
     reason = crash_reason(model.info, runtime.kv_type, version)
     if reason is not None:
-        return KShiftVerdict(False, None, reason)
+        return KShiftVerdict(False, None, reason, crash=True)
     if runtime.kv_type in ("f16", "f32"):
         return KShiftVerdict(True, None, f"{runtime.kv_type} keys are shifted in place")
     kl, noise = probe(model, runtime)

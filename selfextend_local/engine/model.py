@@ -42,20 +42,24 @@ def check_gguf_file(path: Path) -> None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise ModelError(f"model file not found: {path}") from None
+        raise ModelError("model file not found: {path}", param="model", path=path) from None
     except OSError as exc:
-        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ModelError("cannot read {path}: {why}", param="model", path=path, why=exc.strerror or exc) from None
     if stat.S_ISDIR(mode):
-        raise ModelError(f"{path} is a directory; pass a .gguf file")
+        raise ModelError("{path} is a directory; pass a .gguf file", param="model", path=path)
     if not stat.S_ISREG(mode):
-        raise ModelError(f"{path} is not a regular file (a FIFO, socket or device); pass a .gguf file")
+        raise ModelError(
+            "{path} is not a regular file (a FIFO, socket or device); pass a .gguf file", param="model", path=path
+        )
     try:
         with path.open("rb") as f:
             magic = f.read(4)
     except OSError as exc:
-        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ModelError("cannot read {path}: {why}", param="model", path=path, why=exc.strerror or exc) from None
     if magic != b"GGUF":
-        raise ModelError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf model")
+        raise ModelError(
+            "{path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf model", param="model", path=path
+        )
 
 
 @dataclass(frozen=True)
@@ -243,7 +247,9 @@ class Model:
 
         template = self.info.chat_template
         if not template:
-            raise ModelError(f"{self.path.name} has no chat template in its GGUF metadata; use `generate` instead")
+            raise ModelError(
+                "{name} has no chat template in its GGUF metadata; use `generate` instead", name=self.path.name
+            )
         bos = llama_cpp.llama_vocab_bos(self.vocab)
         eos = llama_cpp.llama_vocab_eos(self.vocab)
         return Jinja2ChatFormatter(
@@ -259,7 +265,7 @@ class Model:
         except ModelError:
             raise
         except Exception as exc:  # jinja2 errors from a template we do not control
-            raise ModelError(f"the model's chat template failed to render: {exc}") from exc
+            raise ModelError("the model's chat template failed to render: {why}", why=exc) from exc
 
     def chat_segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
         """The rendered chat as ``(text, is_markup)`` pieces: the template's own markup, and each

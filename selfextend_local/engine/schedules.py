@@ -108,9 +108,11 @@ class Schedule(ABC):
 
     def __init__(self, group: int, window: int) -> None:
         if group < 1 or window < 1:
-            raise BadInputError("group and window must be positive")
+            raise BadInputError("group and window must be positive", param="group")
         if window % group:
-            raise BadInputError(f"window {window} is not a multiple of group {group}")
+            raise BadInputError(
+                "window {window} is not a multiple of group {group}", param="window", window=window, group=group
+            )
         self.group = group
         self.window = window
         self.n_tokens = 0
@@ -297,4 +299,9 @@ def make_schedule(name: str, group: int, window: int) -> Schedule:
     try:
         return SCHEDULES[name](group, window)
     except KeyError:
-        raise BadInputError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}") from None
+        raise BadInputError(
+            "unknown schedule {name!r}; choose one of: {choices}",
+            param="schedule",
+            name=name,
+            choices=", ".join(SCHEDULES),
+        ) from None

@@ -34,7 +34,9 @@ class Sequence:
         if plan.extended and (reason := model.info.extendable_reason):
             raise ModelError("cannot self-extend {name}: {reason}", name=model.path.name, reason=reason)
         if plan.n_ctx > context.cells:
-            raise EngineError(f"a sequence of {plan.n_ctx} cells does not fit the context's {context.cells}")
+            raise EngineError(
+                "a sequence of {n} cells does not fit the context's {cells}", n=plan.n_ctx, cells=context.cells
+            )
         self.schedule: Schedule = make_schedule(plan.schedule, plan.group, plan.window)
         self.chunk = chunk_size(plan, self.runtime.batch, context.n_batch)
         self.tokens: list[int] = []
@@ -198,9 +200,11 @@ def _check_kshift(model, runtime) -> None:
     """A quantized K cache is self-extended only where its K-shift is safe (:mod:`.kshift`)."""
     verdict = kshift.check(model, runtime)
     if not verdict.safe:
+        fix = "; " + kshift.CRASH_FIX if verdict.crash else ""  # a build that would crash: say what to do
         raise ModelError(
-            "cannot self-extend with {kv_type} {kv}: {reason}",
+            "cannot self-extend with {kv_type} {kv}: {reason}" + fix,
             param="kv_type",
+            suggested={"kv_type": "f16"} if verdict.crash else None,
             kv_type=Name("kv_type"),
             kv=runtime.kv_type,
             reason=verdict.reason,

@@ -1,13 +1,12 @@
-"""The common case: a context of its own holding one sequence, served through a one-slot engine.
+"""The common case: a context of its own holding one sequence, served by a one-slot scheduler.
 
-Everything a :class:`Session` decodes goes through :mod:`.slots` (one busy slot), as every batched request
-does: :func:`run` drives a request to its end and yields its chunks; ``ingest`` and ``prefill`` read
-tokens into the session without generating.
+Everything a :class:`Session` decodes is a request to :mod:`.scheduler` (one busy slot), as every batched
+request is: :func:`run` serves a request and yields its chunks; ``ingest`` and ``prefill`` read tokens into
+the session without generating.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 
@@ -16,9 +15,10 @@ from .errors import ModelError
 from .model import Model
 from .planning import Plan, plan_for
 from .sampling import Chunk
+from .scheduler import Scheduler
 from .sequence import Sequence, chunk_size
 from .settings import ExtendSettings, RuntimeSettings
-from .slots import Engine, LogitsSink, Progress, Request, Slot
+from .slots import LogitsSink, Progress, Request
 
 
 class Session(Sequence):
@@ -71,40 +71,17 @@ class Session(Sequence):
     ) -> int:
         """Make the sequence equal ``tokens``, reusing the longest cached prefix; returns tokens reused."""
         request = Request(list(tokens), generate=False, progress=progress)
-        engine, slot = _one_slot(self, request)
-        for _ in _drive(engine, request, should_stop):
+        for _ in run(self, request, should_stop):
             pass
-        return slot.reused
+        return request.reused
 
 
 def run(session: Session, request: Request, should_stop: Callable[[], bool] | None = None) -> Iterator[Chunk]:
     """Serve ``request`` in the session (its one slot) and yield its chunks; errors are raised, and a stop
     while the prompt is read raises Interrupted."""
-    engine, _ = _one_slot(session, request)
-    yield from _drive(engine, request, should_stop)
-
-
-def _one_slot(session: Session, request: Request) -> tuple[Engine, Slot]:
     request.plan = session.plan
-    engine = Engine(session.context, [session])
-    return engine, engine.add(request)
-
-
-def _drive(engine: Engine, request: Request, should_stop: Callable[[], bool] | None) -> Iterator[Chunk]:
-    chunks: deque[Chunk] = deque()
-    errors: list[Exception] = []
-    request.on_chunk, request.on_error = chunks.append, errors.append
-    if should_stop is not None:
-        request.cancelled = should_stop
-    try:
-        while engine.active:
-            engine.step()
-            while chunks:
-                yield chunks.popleft()
-            if errors:
-                raise errors[0]
-    finally:
-        engine.close()
+    with Scheduler.over(session) as scheduler:
+        yield from scheduler.stream(request, should_stop)
 
 
 def open_session(

@@ -180,11 +180,11 @@ class SamplingSettings:
         check_range("min_p", self.min_p, 0, 1)
         _positive("max_tokens", self.max_tokens, MAX_TOKENS)
         if len(self.stop) > MAX_STOPS:
-            raise BadInputError(f"at most {MAX_STOPS} stop strings, got {len(self.stop)}", param="stop")
+            raise BadInputError("at most {most} stop strings, got {n}", param="stop", most=MAX_STOPS, n=len(self.stop))
         if any(not s for s in self.stop):
             raise BadInputError("a stop string must not be empty", param="stop")
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
-            raise BadInputError(f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
+            raise BadInputError("a stop string may have at most {most} characters", param="stop", most=MAX_STOP_CHARS)
 
     @property
     def greedy(self) -> bool:

@@ -68,6 +68,7 @@ class Request:
     progress: Progress | None = None  # (done, total) over the prompt, reused tokens included
     generate: bool = True
     prompt_logits: LogitsSink | None = None
+    reused: int = 0  # set when it starts: prompt tokens its slot already held
 
 
 class Slot:
@@ -82,6 +83,7 @@ class Slot:
         self.sampler: Sampler | None = None
         self.stream: TextStream | None = None
         self.reused = 0
+        self.chunks = 0  # prompt chunks decoded for the current request
         self.started = 0.0
         self.last_used = 0.0
         self.staged: list[int] = []
@@ -94,7 +96,8 @@ class Slot:
     def start(self, request: Request) -> None:
         """Serve ``request``: keep what the sequence holds of its prompt, read the rest from the next step."""
         self.request = request
-        self.reused = self.sequence.reuse(request.prompt)
+        self.reused = request.reused = self.sequence.reuse(request.prompt)
+        self.chunks = 0
         self.pending = list(request.prompt[self.reused :])
         self.sampler = Sampler(request.sampling, self.sequence.model.vocab) if request.generate else None
         self.stream = None
@@ -132,6 +135,7 @@ class Slot:
             self.next_token = None
             return self._sample(context, first)
         del self.pending[: len(tokens)]
+        self.chunks += 1
         if request.prompt_logits:
             request.prompt_logits(
                 len(request.prompt) - self.reused - len(self.pending) - len(tokens), context.logits(first, len(tokens))
@@ -313,10 +317,13 @@ class Engine:
         return first
 
     def _gather(self) -> list[tuple[Slot, Span]]:
-        """This step's spans: each generating slot's token, then whole prompt chunks in arrival order."""
+        """This step's spans: each generating slot's token, then whole prompt chunks: first those of prompts
+        not yet begun, then the rest, each in arrival order (a short new request's first token does not
+        wait for a long prompt's later chunks)."""
         spans = [(slot, slot.token_span()) for slot in self.slots if slot.busy and slot.next_token is not None]
         room = self.context.n_batch - len(spans)
-        for slot in sorted((s for s in self.slots if s.busy and s.pending), key=lambda s: s.started):
+        reading = (s for s in self.slots if s.busy and s.pending)
+        for slot in sorted(reading, key=lambda s: (s.chunks > 0, s.started)):
             span = slot.prompt_span(room)
             if span is None:
                 break  # whole chunks only; the next step has room for it
@@ -345,11 +352,6 @@ class Engine:
                 request.on_finish()
             if slot.sequence is not None:
                 slot.sequence.reset()
-
-    def run(self) -> None:
-        """Step until every request has finished."""
-        while self.active:
-            self.step()
 
 
 def _key(plan: Plan) -> tuple:

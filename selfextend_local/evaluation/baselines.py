@@ -56,7 +56,12 @@ def parse_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
-        raise BadInputError(f"unknown method {', '.join(unknown) or '(none)'}; choose from: {', '.join(METHODS)}")
+        raise BadInputError(
+            "unknown method {unknown}; choose from: {choices}",
+            param="methods",
+            unknown=", ".join(unknown) or "(none)",
+            choices=", ".join(METHODS),
+        )
     return names
 
 

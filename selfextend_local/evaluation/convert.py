@@ -95,7 +95,12 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 0) -> Path:
     try:
         ftype = int(gguf.LlamaFileType[f"MOSTLY_{name}"])
     except KeyError:
-        raise BadInputError(f"unknown quantization {qtype!r}; for example: {', '.join(LADDER)}") from None
+        raise BadInputError(
+            "unknown quantization {qtype!r}; for example: {examples}",
+            param="types",
+            qtype=qtype,
+            examples=", ".join(LADDER),
+        ) from None
     _init_backend()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -104,6 +109,6 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 0) -> Path:
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
         tmp.unlink(missing_ok=True)
-        raise ModelError(f"llama.cpp could not quantize {src.name} to {name} (code {rc})")
+        raise ModelError("llama.cpp could not quantize {src} to {name} (code {rc})", src=src.name, name=name, rc=rc)
     os.replace(tmp, dst)
     return dst

@@ -42,7 +42,7 @@ class ReferenceModel:
         reader = gguf.GGUFReader(path)
         arch = _field(reader, "general.architecture")
         if arch != "llama":
-            raise ModelError(f"the numpy reference supports the llama architecture, not {arch}")
+            raise ModelError("the numpy reference supports the llama architecture, not {arch}", arch=arch)
         n_embd = int(_field(reader, "llama.embedding_length"))
         n_head = int(_field(reader, "llama.attention.head_count"))
         head_dim = n_embd // n_head

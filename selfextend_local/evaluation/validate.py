@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine.errors import BadInputError
+from ..engine.errors import BadInputError, Name
 from ..engine.generate import generate
 from ..engine.metrics import kl_divergence, token_nll
 from ..engine.model import Model
@@ -81,9 +81,9 @@ def verdict(stats: dict[str, float], thresholds: Thresholds) -> list[str]:
     """Reasons the candidate fails (empty: it passes)."""
     reasons = []
     if stats["mean_kl"] > thresholds.max_kl:
-        reasons.append(f"mean KL {stats['mean_kl']:.4f} > --max-kl {thresholds.max_kl}")
+        reasons.append(f"mean KL {stats['mean_kl']:.4f} > max_kl {thresholds.max_kl}")
     if stats["top1_agreement"] < thresholds.min_top1:
-        reasons.append(f"top-1 agreement {stats['top1_agreement']:.3f} < --min-top1 {thresholds.min_top1}")
+        reasons.append(f"top-1 agreement {stats['top1_agreement']:.3f} < min_top1 {thresholds.min_top1}")
     return reasons
 
 
@@ -92,7 +92,12 @@ REPORTED = ("mean_kl", "p99_kl", "top1_agreement", "ppl_candidate", "ppl_referen
 
 def check_same_model(candidate: Model, reference: Model) -> None:
     if candidate.info.architecture != reference.info.architecture or candidate.n_vocab != reference.n_vocab:
-        raise BadInputError("--model and --reference are different models (architecture or vocabulary differ)")
+        raise BadInputError(
+            "{model} and {reference} are different models (architecture or vocabulary differ)",
+            param="reference",
+            model=Name("model"),
+            reference=Name("reference"),
+        )
 
 
 def passkey_agreement(

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..engine.errors import ModelError, SelfExtendError
+from ..engine.errors import ModelError, Name, SelfExtendError
 from ..engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
 from ..extras import require
 
@@ -35,8 +35,8 @@ WAVE_FILES = 256  # files shipped per Dataset: bounds what the driver and the ob
 
 
 def import_ray():
-    ray = require("ray", "--ray")
-    require("ray.data", "--ray")
+    ray = require("ray", Name("ray"))
+    require("ray.data", Name("ray"))
     return ray
 
 
@@ -86,36 +86,36 @@ class SummaryWorker:
         try:
             self.model = load_model(self.job.model, self.job.runtime)
         except SelfExtendError as exc:
-            raise ModelError(f"on Ray worker {_where()}: {exc}") from None
+            raise exc.located("on Ray worker {host}", host=_where()) from None
         job = self.job
         self.summarizer = Summarizer(self.model, job.extend, job.runtime, job.sampling, job.prompt, schema=job.schema)
-        self.engine = None
+        self.scheduler = None
         if self.job.parallel > 1:
-            from ..engine import capacity
-            from ..engine.slots import Engine
+            from ..engine import scheduler
 
-            chosen = capacity.choose(self.model, self.job.runtime, self.job.extend, self.job.parallel)
-            self.engine = Engine.create(self.model, chosen.slots, chosen.cells, self.job.runtime)
+            job = self.job
+            self.scheduler = scheduler.Scheduler.create(self.model, job.runtime, job.extend, slots=job.parallel)
 
     def __call__(self, batch: dict) -> dict:
         from ..tasks.summarize import run
 
         texts = {str(p): t for p, t in zip(batch["path"], batch["text"])}
         todo = [(Path(p), d or None) for p, d in zip(batch["path"], batch["sha256"])]
-        records = run(self.summarizer, todo, self.engine, reader=lambda path: texts[str(path)])
+        records = run(self.summarizer, todo, self.scheduler, reader=lambda path: texts[str(path)])
         return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
 
 
 def describe_model(job: dict) -> dict:
-    """On a worker: the model's name and size (for the records' signature), or a one-line error."""
+    """On a worker: the model's name and size (for the records' signature), or the error (its fields kept
+    across the process boundary)."""
     from ..engine.model import Model
     from ..locate import resolve_model
 
     try:
         with Model(resolve_model(Job.from_dict(job).model), vocab_only=True) as model:
-            return {"name": model.path.name, "size": model.info.size_bytes, "host": _where()}
+            return {"name": model.path.name, "size": model.info.size_bytes}
     except SelfExtendError as exc:
-        return {"error": f"on Ray worker {_where()}: {exc}", "host": _where()}
+        return {"error": exc}
 
 
 DEFAULT_CONNECT_TIMEOUT = 30.0  # seconds to reach a cluster (--ray-timeout)
@@ -142,9 +142,19 @@ def check_reachable(address: str, timeout: float) -> None:
             head = sock.recv(9)
     except OSError as exc:
         why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-        raise SelfExtendError(f"cannot reach a Ray cluster at {address} ({why}); {_HOW_TO_START}") from None
+        raise SelfExtendError(
+            "cannot reach a Ray cluster at {address} ({why}); {how}",
+            param="ray",
+            address=address,
+            why=why,
+            how=_HOW_TO_START,
+        ) from None
     if len(head) < 9 or head[3] != 0x04:  # a gRPC server opens with an HTTP/2 SETTINGS frame
-        raise SelfExtendError(f"{address} answers, but not as a Ray cluster (no gRPC); check the address and port")
+        raise SelfExtendError(
+            "{address} answers, but not as a Ray cluster (no gRPC); check the address and port",
+            param="ray",
+            address=address,
+        )
 
 
 def connect(address: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT):
@@ -159,14 +169,27 @@ def connect(address: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT):
     kwargs = {"address": address} if address else {"include_dashboard": False}
     logging.getLogger("ray").setLevel(logging.ERROR)  # our progress lines say what a user needs
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # a batch given up on becomes an error record
+    where = address or "a new local one"
     error = _init_within(ray, kwargs, timeout)
+    if error is TimeoutError:
+        raise SelfExtendError(
+            "cannot join the Ray cluster at {address}: no answer within {seconds:g} s ({ray_timeout}); {how}",
+            param="ray_timeout",
+            address=where,
+            seconds=timeout,
+            ray_timeout=Name("ray_timeout"),
+            how=_HOW_TO_START,
+        )
     if error is not None:
-        raise SelfExtendError(f"cannot join the Ray cluster at {address or 'a new local one'}: {error}")
+        raise SelfExtendError(
+            "cannot join the Ray cluster at {address}: {error}", param="ray", address=where, error=error
+        )
     return ray
 
 
-def _init_within(ray, kwargs: dict, timeout: float) -> str | None:
-    """``ray.init``, given at most ``timeout`` seconds to join a cluster at an address; why it failed, or None.
+def _init_within(ray, kwargs: dict, timeout: float) -> str | type[TimeoutError] | None:
+    """``ray.init``, given at most ``timeout`` seconds to join a cluster at an address; why it failed
+    (TimeoutError when the time ran out), or None.
 
     A new local Ray is started on this thread, with no time limit but Ray's own: its GCS and raylet are
     started with a parent-death signal, which Linux sends when the *thread* that started them ends, so a
@@ -192,20 +215,8 @@ def _init_within(ray, kwargs: dict, timeout: float) -> str | None:
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        return f"no answer within {timeout:g} s (--ray-timeout); {_HOW_TO_START}"
+        return TimeoutError
     return outcome[0] if outcome else "ray.init failed"
-
-
-def plan_workers(requested: int | None, cpus: int, threads: int) -> tuple[int, str | None]:
-    """Workers to start on a cluster of ``cpus`` CPUs at ``threads`` each, and a line when the request
-    was clamped (more workers than the cluster can place would wait for ever)."""
-    fit = max(1, cpus // threads)
-    if requested is None:
-        return fit, None
-    if requested > fit:
-        need = requested * threads
-        return fit, f"--workers {requested} x {threads} threads needs {need} CPUs; the cluster has {cpus}: using {fit}"
-    return requested, None
 
 
 NODE_CHECK_SECONDS = 120.0  # for every node to say whether it has the model
@@ -233,8 +244,8 @@ def signature_for(ray, job: Job) -> dict:
     found = ray.get(pending, timeout=NODE_CHECK_SECONDS)
     for node, answer in zip(nodes, found):
         if "error" in answer:
-            where = f"{node.get('NodeManagerAddress', '?')} (node {node['NodeID'][:8]})"
-            raise ModelError(answer["error"].replace(f"on Ray worker {answer['host']}", f"on Ray node {where}"))
+            where = {"address": node.get("NodeManagerAddress", "?"), "node": node["NodeID"][:8]}
+            raise answer["error"].located("on Ray node {address} (node {node})", **where)
     first = found[0]
     return make_signature(first["name"], first["size"], job.extend, job.sampling, job.prompt, job.schema)
 

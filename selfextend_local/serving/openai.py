@@ -27,17 +27,22 @@ def usage(chunk: Chunk | None, prompt_tokens: int) -> dict:
 
 @dataclass(frozen=True)
 class Reply:
-    """One response's identity: ``chat`` (chat.completion) or not (text_completion)."""
+    """One response's identity: ``chat`` (chat.completion) or not (text_completion); ``served``, the
+    SelfExtend setting that served it (``selfextend`` in the response, beside ``usage``)."""
 
     model: str
     chat: bool
     id: str = ""
     created: int = 0
+    served: dict | None = None
 
     @classmethod
-    def new(cls, model: str, chat: bool) -> Reply:
+    def new(cls, model: str, chat: bool, served: dict | None = None) -> Reply:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        return cls(model, chat, rid, int(time.time()))
+        return cls(model, chat, rid, int(time.time()), served)
+
+    def _served(self) -> dict:
+        return {"selfextend": self.served} if self.served is not None else {}
 
     def _envelope(self, kind: str, choices: list, **extra) -> dict:
         return {
@@ -58,21 +63,28 @@ class Reply:
         else:
             choice["text"] = text
             kind = "text_completion"
-        return self._envelope(kind, [choice], usage=usage(last, prompt_tokens))
+        return self._envelope(kind, [choice], usage=usage(last, prompt_tokens), **self._served())
 
     def piece(self, text: str, first: bool = False, finish: str | None = None) -> dict:
-        """A stream chunk with ``text`` (the chat's first one carries the role; the last, the reason)."""
+        """A stream chunk with ``text`` (the chat's first one carries the role; the last, the reason and
+        the setting that served it)."""
         if self.chat:
             return self.delta({"role": "assistant", "content": text} if first else {"content": text}, finish)
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return self._envelope("text_completion", [choice])
+        return self._envelope("text_completion", [choice], **(self._served() if finish else {}))
 
     def delta(self, delta: dict, finish: str | None = None) -> dict:
         """A chat stream chunk with any ``delta`` (``{"role": ...}``, ``{"content": ...}``, or ``{}``)."""
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return self._envelope("chat.completion.chunk", [choice])
+        return self._envelope("chat.completion.chunk", [choice], **(self._served() if finish else {}))
+
+    def progress_piece(self, progress: dict) -> dict:
+        """A stream chunk that only says how far the prompt has been read, as llama.cpp's server sends it."""
+        if self.chat:
+            return {**self.delta({"role": "assistant", "content": None}), "prompt_progress": progress}
+        return {**self.piece(""), "prompt_progress": progress}
 
     def usage_piece(self, last: Chunk, prompt_tokens: int) -> dict:
         """The stream's closing usage chunk (``stream_options.include_usage``)."""
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(kind, [], usage=usage(last, prompt_tokens))
+        return self._envelope(kind, [], usage=usage(last, prompt_tokens), **self._served())

@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from ..engine.errors import BadInputError
+from ..engine.errors import BadInputError, Name
 from ..extras import require
 
 HTML = {".html", ".htm", ".xhtml"}
@@ -24,23 +24,34 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
 
-def check_regular_file(path: str | Path, limit: int = MAX_TEXT_BYTES, what: str = "file") -> int:
-    """The size of ``path``; a one-line error unless it is a regular file of at most ``limit`` bytes."""
+def check_regular_file(
+    path: str | Path, limit: int = MAX_TEXT_BYTES, what: str | Name = "file", param: str | None = None
+) -> int:
+    """The size of ``path``; a one-line error unless it is a regular file of at most ``limit`` bytes.
+    ``what`` names the file in the error (a setting's :class:`Name`, or a word); ``param`` is its setting."""
     path = Path(path)
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise BadInputError(f"{what} not found: {path}") from None
+        raise BadInputError("{what} not found: {path}", param=param, what=what, path=path) from None
     except OSError as exc:
-        raise BadInputError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise BadInputError("cannot read {path}: {why}", param=param, path=path, why=exc.strerror or exc) from None
     if stat.S_ISDIR(info.st_mode):
-        raise BadInputError(f"{path} is a directory; pass a file")
+        raise BadInputError("{path} is a directory; pass a file", param=param, path=path)
     if not stat.S_ISREG(info.st_mode):
-        raise BadInputError(f"{path} is not a regular file (a FIFO, socket or device); pass a file")
+        raise BadInputError(
+            "{path} is not a regular file (a FIFO, socket or device); pass a file", param=param, path=path
+        )
     if info.st_size > limit:
-        raise BadInputError(f"{path} is {info.st_size / (1 << 20):.1f} MiB; files over {_mib(limit)} are refused")
+        raise BadInputError(
+            "{path} is {mib:.1f} MiB; files over {limit} are refused",
+            param=param,
+            path=path,
+            mib=info.st_size / (1 << 20),
+            limit=_mib(limit),
+        )
     if not os.access(path, os.R_OK):
-        raise BadInputError(f"cannot read {path}: permission denied")
+        raise BadInputError("cannot read {path}: permission denied", param=param, path=path)
     return info.st_size
 
 
@@ -48,17 +59,19 @@ def read_bounded(stream: BinaryIO, limit: int, name: str) -> bytes:
     """At most ``limit`` bytes from ``stream``; a one-line error if it holds more."""
     data = stream.read(limit + 1)
     if len(data) > limit:
-        raise BadInputError(f"{name} holds more than {_mib(limit)}; inputs over that are refused")
+        raise BadInputError(
+            "{name} holds more than {limit}; inputs over that are refused", name=name, limit=_mib(limit)
+        )
     return data
 
 
 def decode_text(data: bytes, name: str) -> str:
     if b"\0" in data[:8192]:
-        raise BadInputError(f"{name} looks like a binary file, not text")
+        raise BadInputError("{name} looks like a binary file, not text", name=name)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise BadInputError(f"{name} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+        raise BadInputError("{name} is not UTF-8 text (invalid byte at offset {at})", name=name, at=exc.start) from None
 
 
 def read_text_file(path: str | Path) -> str:
@@ -81,7 +94,7 @@ def _pdf_text(path: Path) -> str:
     try:
         return "\n\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
     except Exception as exc:  # pypdf raises many kinds of errors for damaged files
-        raise BadInputError(f"{path} is not a readable PDF ({exc})") from exc
+        raise BadInputError("{path} is not a readable PDF ({why})", path=path, why=exc) from exc
 
 
 def read_document(path: str | Path) -> str:
@@ -96,12 +109,12 @@ def read_document(path: str | Path) -> str:
             data = read_bounded(f, MAX_FILE_BYTES, str(path))
         if suffix in HTML:
             if b"\0" in data[:8192]:
-                raise BadInputError(f"{path} looks like a binary file, not text")
+                raise BadInputError("{path} looks like a binary file, not text", path=path)
             text = _html_text(data)
         else:
             text = decode_text(data, str(path))
     if len(text.encode("utf-8", errors="replace")) > MAX_TEXT_BYTES:
-        raise BadInputError(f"{path} holds more than {_mib(MAX_TEXT_BYTES)} of text; split it")
+        raise BadInputError("{path} holds more than {limit} of text; split it", path=path, limit=_mib(MAX_TEXT_BYTES))
     if not text.strip():
-        raise BadInputError(f"{path} is empty")
+        raise BadInputError("{path} is empty", path=path)
     return text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..engine.errors import CLI, Naming
 from ..engine.model import Model
 from ..engine.planning import GROUPS, default_window, max_input
 from ..engine.registry import family_for
@@ -45,16 +46,18 @@ def division_line(model: Model, runtime=None) -> str:
     return f"{build_description()}: division {divider.name}, probe KL {divider.probe.kl:.3g}{advice}"
 
 
-def kshift_line(info) -> str:
-    """Whether this build can shift a quantized (and a bf16) K of this model, or why not."""
+def kshift_line(info, naming: Naming = CLI) -> str:
+    """Whether this build can shift a quantized (and a bf16) K of this model, or why not (and what to do,
+    with settings named as ``naming`` names them)."""
     import llama_cpp
 
-    from ..engine.kshift import crash_reason
+    from ..engine.kshift import CRASH_FIX, crash_reason
 
     reasons = {kind: crash_reason(info, kind, llama_cpp.__version__) for kind in ("q8_0", "bf16")}
     if not any(reasons.values()):
         return "quantized and bf16 K caches can be self-extended with this build (each type probed on first use)"
-    return "; ".join(f"{kind}: {why}" for kind, why in reasons.items() if why)
+    fix = CRASH_FIX.format(kv_type=naming.name("kv_type"))
+    return "; ".join(f"{kind}: {why}; {fix}" for kind, why in reasons.items() if why)
 
 
 def kv_table(info) -> str:
@@ -73,7 +76,8 @@ def kv_table(info) -> str:
     return format_table(rows)
 
 
-def describe(model: Model, runtime=None) -> str:
+def describe(model: Model, runtime=None, naming: Naming = CLI) -> str:
+    """The model's card, with settings named as ``naming`` names them (flags by default)."""
     info = model.info
     family = family_for(info)
     reason = info.extendable_reason
@@ -92,7 +96,7 @@ def describe(model: Model, runtime=None) -> str:
     if family:
         reach = max_input(info.n_ctx_train, family.group, family.window)
         lines.append(
-            f"recommended:       --group {family.group} --window {family.window} "
+            f"recommended:       {naming.setting({'group': family.group, 'window': family.window})} "
             f"(family {family.family}, reaches {reach:,} tokens; {family.source})"
         )
     else:
@@ -101,7 +105,7 @@ def describe(model: Model, runtime=None) -> str:
         )
     if reason is None:
         lines.append(f"llama.cpp:         {division_line(model, runtime)}")
-        lines.append(f"quantized K:       {kshift_line(info)}")
+        lines.append(f"quantized K:       {kshift_line(info, naming)}")
     lines += ["", "KV cache types (K and V), and the tokens the available memory holds with each:", kv_table(info)]
     if reason is None:
         lines += [

@@ -49,7 +49,7 @@ def question_tokens(model: Model, question: str, after: Pieces) -> list[int]:
     tokens = model.segments_tokens([(" " + question.strip(), False)] + after, bos=False)
     if len(tokens) > QUESTION_BUDGET:
         raise InputTooLongError(
-            f"the question has {len(tokens)} tokens; keep it under {QUESTION_BUDGET}", param="question"
+            "the question has {n} tokens; keep it under {most}", param="question", n=len(tokens), most=QUESTION_BUDGET
         )
     return tokens
 

@@ -16,7 +16,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from ..engine.errors import BadInputError, SelfExtendError
+from ..engine.errors import BadInputError, Name, SelfExtendError
 from .documents import check_regular_file
 
 MAX_LOG_BYTES = 1 << 30
@@ -34,12 +34,24 @@ def lock_file(path: Path, busy: str) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise BadInputError(f"cannot write in {path.parent} ({exc.strerror or exc}); choose another --out") from None
+        raise BadInputError(
+            "cannot write in {folder} ({why}); choose another {out}",
+            param="out",
+            folder=path.parent,
+            why=exc.strerror or exc,
+            out=Name("out"),
+        ) from None
     try:
         _lock_descriptor(fd)
     except OSError:
         os.close(fd)
-        raise LogInUse(f"{busy} (lock {path}); wait for it to finish or use another --out") from None
+        raise LogInUse(
+            "{busy} (lock {path}); wait for it to finish or use another {out}",
+            param="out",
+            busy=busy,
+            path=path,
+            out=Name("out"),
+        ) from None
     return fd
 
 
@@ -92,14 +104,26 @@ class RecordLog:
     def _check_writable(self) -> None:
         folder = self.path.parent
         if not folder.is_dir():
-            raise BadInputError(f"the folder of --out does not exist: {folder}")
+            raise BadInputError(
+                "the folder of {out} does not exist: {folder}", param="out", out=Name("out"), folder=folder
+            )
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise BadInputError(f"cannot write in {folder} (read-only); choose another --out")
+            raise BadInputError(
+                "cannot write in {folder} (read-only); choose another {out}",
+                param="out",
+                folder=folder,
+                out=Name("out"),
+            )
         if self.path.exists() or self.path.is_symlink():
-            check_regular_file(self.path, MAX_LOG_BYTES, "--out")
+            check_regular_file(self.path, MAX_LOG_BYTES, Name("out"), param="out")
             mode = self.path.stat().st_mode
             if not os.access(self.path, os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
-                raise BadInputError(f"{self.path} is read-only; make it writable or choose another --out")
+                raise BadInputError(
+                    "{path} is read-only; make it writable or choose another {out}",
+                    param="out",
+                    path=self.path,
+                    out=Name("out"),
+                )
 
     def _load(self) -> list[dict]:
         if not self.path.exists():

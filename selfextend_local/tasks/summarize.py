@@ -26,9 +26,10 @@ from ..engine.memory import max_cells
 from ..engine.model import Model
 from ..engine.planning import default_setting, max_input, plan_for
 from ..engine.sampling import Chunk
+from ..engine.scheduler import Scheduler
 from ..engine.session import open_session
 from ..engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
-from ..engine.slots import Engine, Request
+from ..engine.slots import Request
 from .documents import read_document
 from .records import RecordLog, file_hash
 
@@ -202,6 +203,15 @@ class Summarizer:
             text, last = generate(session, tokens, prompt.sampling)
             return Reply(text, last, session.plan.describe())
 
+    def longest_call(self, files: list[Path]) -> int:
+        """Tokens the longest call over ``files`` may need: the largest file (a token is at least a byte),
+        512 for the prompt around it, and the summary; at most what one call holds with the family's
+        setting (a longer file goes in parts)."""
+        from ..engine.capacity import default_cells
+
+        largest = max((f.stat().st_size for f in files if f.is_file()), default=0)
+        return min(largest + 512 + self.sampling.max_tokens, default_cells(self.model, self.extend))
+
     def summarize_text(self, text: str, template: str | None = None) -> dict:
         """The record's fields for ``text``, one call after another."""
         steps = self.steps(text, template)
@@ -292,12 +302,12 @@ class _Task:
 
 
 class _Batched:
-    """Many files at once: every call is a request to ``engine`` (an :class:`Engine`), and a file holds
-    one slot at a time."""
+    """Many files at once: every call is a request to ``scheduler``, and a file has one call in flight at
+    a time (as many files are begun as there are slots)."""
 
-    def __init__(self, summarizer: Summarizer, engine: Engine, reader: Reader) -> None:
-        self.summarizer = replace(summarizer, cells=engine.cells)
-        self.engine = engine
+    def __init__(self, summarizer: Summarizer, scheduler: Scheduler, reader: Reader) -> None:
+        self.summarizer = replace(summarizer, cells=scheduler.cells)
+        self.scheduler = scheduler
         self.reader = reader
         self.signature = self.summarizer.signature()
 
@@ -305,13 +315,13 @@ class _Batched:
         waiting = deque(todo)
         running: list[_Task] = []
         while waiting or running:
-            while waiting and self.engine.free:
+            while waiting and len(running) < self.scheduler.slots:
                 task, record = self._begin(*waiting.popleft())
                 if record is not None:
                     yield record
                 else:
                     running.append(task)
-            self.engine.step()
+            self.scheduler.advance()
             for task in [t for t in running if t.answered]:
                 record = task.finish(None, task.error) if task.error else self._advance(task, self._reply(task))
                 if record is not None:
@@ -345,36 +355,21 @@ class _Batched:
         task.parts, task.last = [], None
         extend = self.summarizer.extend
         request = Request(prompt.tokens, prompt.sampling, extend, on_chunk=task.on_chunk, on_error=task.on_error)
-        request.plan = self.engine.plan(request)  # once: the engine keeps it
+        self.scheduler.submit(request)  # planned now; a call that cannot be served raises here
         task.plan = request.plan.describe()
-        self.engine.add(request)
 
 
 def run_batched(
-    summarizer: Summarizer, todo: list[tuple[Path, str | None]], engine: Engine, reader: Reader = read_document
+    summarizer: Summarizer, todo: list[tuple[Path, str | None]], scheduler: Scheduler, reader: Reader = read_document
 ) -> Iterator[dict]:
-    """Many files at once in ``engine``'s slots; yields each record as its file completes (completion order)."""
-    return _Batched(summarizer, engine, reader).records(todo)
+    """Many files at once in ``scheduler``'s slots; yields each record as its file completes (completion order)."""
+    return _Batched(summarizer, scheduler, reader).records(todo)
 
 
 def run(
-    summarizer: Summarizer, todo: list[tuple[Path, str | None]], engine=None, reader: Reader = read_document
+    summarizer: Summarizer, todo: list[tuple[Path, str | None]], scheduler=None, reader: Reader = read_document
 ) -> Iterator[dict]:
-    """The records of ``todo``: together in ``engine``'s slots, else one file at a time."""
-    if engine is not None:
-        return run_batched(summarizer, todo, engine, reader)
+    """The records of ``todo``: together in ``scheduler``'s slots, else one file at a time."""
+    if scheduler is not None:
+        return run_batched(summarizer, todo, scheduler, reader)
     return run_sequential(summarizer, todo, reader)
-
-
-def summarize_files(
-    summarizer: Summarizer,
-    files: list[Path],
-    log: RecordLog,
-    retry_failed: bool = False,
-    engine=None,
-) -> Iterator[dict]:
-    """Summarise each file not already done with the same hash and settings; append and yield each new
-    record."""
-    for record in run(summarizer, plan_files(summarizer.signature(), files, log, retry_failed), engine):
-        log.append(record)
-        yield record

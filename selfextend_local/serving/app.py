@@ -1,0 +1,135 @@
+"""The HTTP server's application: one engine thread, the guard in front of every route, and the APIs.
+
+Requests run on a :class:`~selfextend_local.engine.scheduler.ServingThread` that decodes up to its slots'
+number of them together, each with its own SelfExtend plan, sampling and grammar; waiting requests sit in
+a bounded queue, and one more gets an immediate 429. A slot keeps its cache between requests: a request
+whose tokens start with what a slot holds ingests only the rest. The APIs: OpenAI's
+(:mod:`.openai_api`).
+"""
+
+from __future__ import annotations
+
+import hmac
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ..engine import scheduler
+from ..engine.capacity import Capacity
+from ..engine.model import Model
+from ..engine.settings import ExtendSettings, RuntimeSettings
+from .http import APIError, Server, server_of
+from .limits import ServerLimits
+
+
+def _bearer_token(header: str) -> str:
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+OPEN_PATHS = frozenset({"/health"})  # answered without the API key
+
+
+def _refusal(request: Request, server: Server) -> APIError | None:
+    """Why a request is refused before it is read: wrong key, a foreign Host, a body that is not JSON."""
+    if server.api_key and request.url.path not in OPEN_PATHS:
+        given = _bearer_token(request.headers.get("authorization", ""))
+        if not hmac.compare_digest(given.encode(), server.api_key.encode()):
+            return APIError(401, "invalid or missing API key", code="invalid_api_key")
+    hosts = server.allowed_hosts
+    if hosts is not None and request.headers.get("host", "").lower() not in hosts:
+        # A loopback server without a key: a page on another site must not reach it through DNS rebinding.
+        return APIError(400, "the Host header does not name this server", code="invalid_host")
+    if request.method == "POST":
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            return APIError(415, "the request body must be JSON (Content-Type: application/json)")
+    return None
+
+
+class Guard:
+    """ASGI middleware: the checks of :func:`_refusal` before any route runs (a plain ASGI layer, so a
+    handler still sees its client disconnect)."""
+
+    def __init__(self, app, server: Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            refusal = _refusal(Request(scope), self.server)
+            if refusal is not None:
+                await refusal.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def loopback_hosts(host: str, port: int) -> set[str]:
+    """Host headers a loopback server answers to: its names with its port (without one only on port 80)."""
+    names = {"localhost", "127.0.0.1", "[::1]", f"[{host.strip('[]')}]" if ":" in host else host}
+    hosts = {f"{name}:{port}" for name in names}
+    return hosts | (names if port == 80 else set())
+
+
+def create_app(
+    model: Model,
+    runtime: RuntimeSettings | None = None,
+    extend: ExtendSettings | None = None,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    allowed_hosts: set[str] | None = None,
+    capacity: Capacity | None = None,
+) -> FastAPI:
+    """The ASGI app; ``extend`` holds the server's SelfExtend setting (None fields: planned per request),
+    ``capacity`` its slots and cells (default: :func:`~selfextend_local.engine.scheduler.size`'s choice).
+
+    ``allowed_hosts``: with no API key, the Host headers a request must carry (None: any).
+    """
+    from . import openai_api
+
+    runtime, extend, limits = runtime or RuntimeSettings(), extend or ExtendSettings(), limits or ServerLimits()
+    chosen = capacity or scheduler.size(model, runtime, extend)
+    serving = scheduler.ServingThread(
+        lambda: scheduler.Scheduler.create(model, runtime, capacity=chosen), limits.queue_size
+    )
+    server = Server(model, serving, runtime, limits, extend, api_key, None if api_key else allowed_hosts)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        serving.stop()
+        server.prep.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="selfextend-local", version="1", lifespan=lifespan)
+    app.state.server = server
+    app.add_exception_handler(APIError, _api_error)
+    app.add_middleware(Guard, server=server)
+    app.include_router(router)
+    app.include_router(openai_api.router)
+    return app
+
+
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/v1/status")
+async def status(request: Request) -> dict:
+    """What the engine thread is doing (behind the API key, unlike /health)."""
+    server = server_of(request)
+    serving = server.serving
+    return {
+        "model": server.model_id,
+        "queued": serving.pending,
+        "busy_slots": serving.busy_slots,
+        "slots": serving.slots,
+        "cells": serving.cells,
+    }

@@ -1,0 +1,292 @@
+"""OpenAI's API: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+
+A request's settings are its own where it gives them and the server's where it does not: no field here
+has a default or a bound of its own (those are the settings dataclasses', :mod:`~..engine.settings`, so a
+value out of range is refused with the same words as on the command line, naming the request's field).
+Fields OpenAI has and this server does not honour are refused by name unless their value changes nothing.
+Every response says which SelfExtend setting served it (``selfextend`` beside ``usage``), and a streamed
+one reports how far a long prompt has been read when asked (``return_progress``, as llama.cpp's server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import ClassVar
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse
+
+from ..engine.errors import SelfExtendError
+from ..engine.grammar import Structure, response_format_structure
+from ..engine.model import Model
+from ..engine.sampling import Chunk, check_grammar
+from ..engine.settings import ExtendSettings, SamplingSettings
+from ..engine.slots import Request as EngineRequest
+from .http import APIError, Call, Progress, Server, http_naming, off_loop, parse, served_by, server_of
+from .http import start as start_call
+from .http import watch as watch_call
+from .openai import Reply
+
+
+class SelfExtendOptions(BaseModel):
+    """The extra body field ``selfextend``: a field left out is the server's setting."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    group: int | None = None
+    window: int | None = None
+    schedule: str | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self, index: int) -> str:
+        """The content as one string: text parts joined; null only where OpenAI allows it (assistant)."""
+        if self.content is None:
+            if self.role != "assistant":
+                raise APIError(400, f"messages[{index}].content is null", param=f"messages.{index}.content")
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise APIError(
+                    400,
+                    f"messages[{index}] has a content part of type {part.type!r}; only text parts are supported",
+                    param=f"messages.{index}.content",
+                )
+        return "".join(part.text for part in self.content)
+
+
+# OpenAI's fields this server does not honour, with the values that change nothing (accepted); any other
+# value is refused by name, as `Llama` refuses the same arguments. Fields that only describe the caller are
+# ignored, as OpenAI's own documentation says they may be.
+NEUTRAL_FIELDS: dict[str, tuple] = {
+    "frequency_penalty": (0, 0.0, None),
+    "presence_penalty": (0, 0.0, None),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+}
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
+
+
+class CommonRequest(BaseModel):
+    """What a completion and a chat completion share. None everywhere means "the server's default"."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # llama.cpp's extensions, as its server takes them
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int | None = None
+    stream_options: dict | None = None
+    return_progress: bool = False
+    selfextend: SelfExtendOptions | None = None
+
+    input_param: ClassVar[str] = "prompt"  # how the request names its input, for errors
+
+    def structure(self) -> Structure | None:
+        return None
+
+    def refuse_unsupported(self) -> None:
+        """A 400 naming the first field this server does not honour (or does not know)."""
+        if self.n not in (None, 1):
+            raise APIError(400, f"n must be 1: this server gives one choice a request, got {self.n}", param="n")
+        for key, value in (self.model_extra or {}).items():
+            if key in IGNORED_FIELDS or (key in NEUTRAL_FIELDS and value in NEUTRAL_FIELDS[key]):
+                continue
+            if key in NEUTRAL_FIELDS:
+                message = f"{key} is not supported by this server; leave it out"
+            else:
+                message = f"unrecognised request field {key!r}"
+            raise APIError(400, message, param=key, code="unsupported_field")
+
+    def sampling_fields(self) -> dict:
+        """The sampling settings this request gives (the others are the defaults)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        given = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "seed": self.seed,
+            "max_tokens": self.max_completion_tokens or self.max_tokens,
+            "stop": tuple(s for s in stops if s) or None,
+        }
+        return {k: v for k, v in given.items() if v is not None}
+
+
+class ChatRequest(CommonRequest):
+    messages: list[Message] = Field(min_length=1)
+    response_format: dict | None = None
+
+    input_param: ClassVar[str] = "messages"
+
+    def structure(self) -> Structure | None:
+        return response_format_structure(self.response_format)
+
+
+class CompletionRequest(CommonRequest):
+    prompt: str
+
+
+def extend_for(options: SelfExtendOptions | None, base: ExtendSettings) -> ExtendSettings:
+    """The server's setting with the fields the request gives in its stead."""
+    given = {k: v for k, v in options.model_dump().items() if v is not None} if options else {}
+    return replace(base, **given)
+
+
+def sampling_for(fields: dict, structure: Structure | None, server: Server) -> SamplingSettings:
+    """The default sampling with the request's own ``fields`` and structure (checked against the server's
+    max_tokens limit, and the grammar against llama.cpp's parser)."""
+    most = server.limits.max_tokens
+    if fields.get("max_tokens", 0) > most:
+        raise APIError(400, f"max_tokens {fields['max_tokens']} is over this server's limit {most}", param="max_tokens")
+    if structure is not None:
+        check_grammar(server.model.vocab, structure.grammar)
+    return replace(SamplingSettings(), **fields, **(structure.fields() if structure else {}))
+
+
+def settings_for(req: CommonRequest, server: Server) -> tuple[ExtendSettings, SamplingSettings]:
+    """The request's SelfExtend and sampling settings; errors name the request's own fields."""
+    try:
+        return extend_for(req.selfextend, server.extend), sampling_for(req.sampling_fields(), req.structure(), server)
+    except SelfExtendError as exc:
+        raise APIError.of(exc, http_naming(req.input_param)) from None
+
+
+async def respond(request: Request, req: CommonRequest, tokens: list[int], chat: bool):
+    server = server_of(request)
+    extend, sampling = await off_loop(server, settings_for, req, server)
+    call = Call(asyncio.get_running_loop(), http_naming(req.input_param))
+    engine_request = call.wire(EngineRequest(tokens, sampling, extend), progress=req.stream and req.return_progress)
+    events = await start_call(server, call, engine_request)
+    reply = Reply.new(server.model_id, chat, served_by(engine_request, server.runtime))
+    if req.stream:
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return EventSourceResponse(_events(events, reply, include_usage), ping=15)
+    watcher = asyncio.create_task(watch_call(request, call))
+    try:
+        parts, last = [], None
+        async for event in events:
+            if isinstance(event, Chunk):
+                parts.append(event.text)
+                last = event
+    finally:
+        watcher.cancel()
+    return reply.whole("".join(parts), last, len(tokens))
+
+
+async def _events(events: AsyncIterator, reply: Reply, include_usage: bool):
+    """Server-sent events in the OpenAI streaming shape, ending with ``[DONE]``."""
+    last = None
+    first = True
+    try:
+        async for event in events:
+            if isinstance(event, Progress):
+                yield {"data": json.dumps(reply.progress_piece(event.as_dict()))}
+                continue
+            last = event
+            if last.finish_reason is not None:
+                break
+            yield {"data": json.dumps(reply.piece(last.text, first=first))}
+            first = False
+        finish = "length" if last and last.finish_reason == "length" else "stop"
+        yield {"data": json.dumps(reply.piece(last.text if last else "", finish=finish))}
+        if include_usage and last is not None:
+            yield {"data": json.dumps(reply.usage_piece(last, last.prompt_tokens))}
+        yield {"data": "[DONE]"}
+    except APIError as exc:
+        yield {"data": json.dumps({"error": {"message": exc.message, "type": exc.kind, "code": exc.code}})}
+
+
+# -- the routes -------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+def model_card(server: Server) -> dict:
+    created = int(server.model.path.stat().st_mtime)
+    return {"id": server.model_id, "object": "model", "created": created, "owned_by": "local"}
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    return {"object": "list", "data": [model_card(server_of(request))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(request: Request, model_id: str) -> dict:
+    server = server_of(request)
+    if model_id != server.model_id:
+        raise APIError(
+            404,
+            f"the model {model_id!r} does not exist; this server has {server.model_id!r}",
+            param="model",
+            code="model_not_found",
+        )
+    return model_card(server)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    req = await parse(request, ChatRequest)
+    server = server_of(request)
+    messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
+    return await respond(request, req, await off_loop(server, chat_tokens, server.model, messages), chat=True)
+
+
+def chat_tokens(model: Model, messages: list[dict]) -> list[int]:
+    """The conversation's tokens through the model's chat template (its lines joined, without one)."""
+    try:
+        if model.info.chat_template:
+            return model.chat_tokens(messages)
+        return model.tokenize("\n".join(m["content"] for m in messages))
+    except SelfExtendError as exc:
+        raise APIError.of(exc, http_naming("messages")) from None
+
+
+def prompt_tokens(model: Model, prompt: str) -> list[int]:
+    try:
+        return model.tokenize(prompt)
+    except SelfExtendError as exc:
+        raise APIError.of(exc, http_naming("prompt")) from None
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    req = await parse(request, CompletionRequest)
+    if not req.prompt:
+        raise APIError(400, "prompt is empty", param="prompt")
+    server = server_of(request)
+    return await respond(request, req, await off_loop(server, prompt_tokens, server.model, req.prompt), chat=False)
