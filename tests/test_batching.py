@@ -213,3 +213,27 @@ def test_capacity_by_memory(model):
     assert tight.slots * tight.cells * 23040 <= (1 << 29) and tight.slots >= 1
     given = choose(model, RuntimeSettings(ctx=4096), ExtendSettings(), slots=8, memory=64 << 30)
     assert (given.slots, given.cells) == (8, 4096)
+
+
+def serve_in_turn(model, prompts: list[tuple[list[int], int]], prompt_cache: int = 0) -> Request:
+    """Each prompt (with its max_tokens) after the other, greedy, in one slot; the last request."""
+    with Scheduler.create(model, slots=1, longest=1024, prompt_cache=prompt_cache) as scheduler:
+        for prompt, n in prompts:
+            last, out = request(prompt, SamplingSettings(temperature=0, max_tokens=n))
+            scheduler.submit(last)
+            scheduler.run()
+    return last, out
+
+
+def test_a_prompt_kept_when_its_slot_moves_on_is_read_from_memory_later(model, pydoc_tokens):
+    """The prompt cache (as llama.cpp's server's --cache-ram): a slot taken by another request keeps its
+    prompt's cells in memory first, and a later request beginning with that prompt starts from them: the
+    reply is the one it gets had the slot kept the prompt itself, token for token."""
+    document = pydoc_tokens[:600]
+    follow_up = document + chat(model, "And so?")[1:]
+    own, want = serve_in_turn(model, [(document, 4), (follow_up, 12)])
+    taken = [(document, 4), (chat(model, "Name a bird."), 4), (follow_up, 12)]
+    kept, got = serve_in_turn(model, taken, prompt_cache=64 << 20)
+    without, _ = serve_in_turn(model, taken)
+    assert own.reused == kept.reused == 600 and without.reused < 20
+    assert got.tokens == want.tokens and len(got.tokens) == 12

@@ -152,3 +152,26 @@ def test_call_arguments_are_type_checked_by_name(llm):
 def test_text_that_is_not_unicode_or_a_role_that_is_not_a_name_is_an_input_error(llm, messages):
     with pytest.raises(BadInputError, match="not valid Unicode|must be a name"):
         llm.create_chat_completion(messages, max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 0}, {"temperature": 0.9, "seed": 7}, {"temperature": 0.9, "seed": 7, "top_k": 0}]
+)
+def test_the_grammars_quick_pick_is_the_whole_vocabularys_pick(llm, monkeypatch, sampling):
+    """Looking only where the grammar can go (first bytes, likeliest first) picks what filtering the whole
+    vocabulary picks: the same reply, greedy and seeded, with top-k and without."""
+    from selfextend_local.engine import sampling as module
+
+    ask = [{"role": "user", "content": "Describe a cat as JSON."}]
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "legs": {"type": "integer"}},
+    }
+    quick = llm.create_chat_completion(ask, max_tokens=40, response_format=fmt(schema), **sampling)
+    monkeypatch.setattr(
+        module.Candidates,
+        "pick_allowed",
+        lambda self, chain, grammar, logits, _: self.pick(chain, logits, first=grammar),
+    )
+    whole = llm.create_chat_completion(ask, max_tokens=40, response_format=fmt(schema), **sampling)
+    assert quick["choices"][0]["message"]["content"] == whole["choices"][0]["message"]["content"]

@@ -81,6 +81,13 @@ _LIMITS = ServerLimits()  # the defaults, written once there
     help="Largest max_tokens a request may ask for.",
 )
 @click.option(
+    "--prompt-cache",
+    default=_LIMITS.prompt_cache_bytes / (1 << 20),
+    show_default=True,
+    type=click.FloatRange(min=0, max=1 << 20),
+    help="MiB of memory for prompts kept when their slot moves on (0: none).",
+)
+@click.option(
     "--parallel",
     "-p",
     type=click.IntRange(1, 64),
@@ -92,7 +99,18 @@ _LIMITS = ServerLimits()  # the defaults, written once there
 @extend_options
 @log_options
 def serve(
-    host, port, api_key, queue_size, max_body, max_tokens_limit, parallel, model, runtime, extend, verbose
+    host,
+    port,
+    api_key,
+    queue_size,
+    max_body,
+    max_tokens_limit,
+    prompt_cache,
+    parallel,
+    model,
+    runtime,
+    extend,
+    verbose,
 ) -> None:
     """Serve the model over an OpenAI-compatible API with SelfExtend.
 
@@ -109,7 +127,7 @@ def serve(
     api_key = api_key or os.environ.get(API_KEY_ENV)
     llm = load_for_cli(model, runtime, verbose)
     chosen = scheduler.size(llm, runtime, extend, parallel)
-    limits = ServerLimits(queue_size, int(max_body * (1 << 20)), max_tokens_limit)
+    limits = ServerLimits(queue_size, int(max_body * (1 << 20)), max_tokens_limit, int(prompt_cache * (1 << 20)))
     sock = _bind(host, port)
     port = sock.getsockname()[1]
     if not _is_loopback(host) and not api_key:

@@ -7,6 +7,7 @@ import ctypes
 import math
 import re
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,10 +32,11 @@ class Sampler:
     at the likeliest candidates first (:meth:`Candidates.pick_allowed`): the whole vocabulary cost 6-14 ms
     a rejected token, on the engine's thread, so every other sequence of the batch waited for it."""
 
-    def __init__(self, settings: SamplingSettings, vocab=None) -> None:
+    def __init__(self, settings: SamplingSettings, model=None) -> None:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self.chain = chain
-        self.grammar = grammar_sampler(vocab, settings.grammar) if settings.grammar is not None else None
+        self.model = model
+        self.grammar = grammar_sampler(model.vocab, settings.grammar) if settings.grammar is not None else None
         self._candidates: Candidates | None = None
         self.settings = settings
         self.accepted = 0
@@ -59,8 +61,8 @@ class Sampler:
         if self.grammar is None:
             return llama_cpp.llama_sampler_sample(self.chain, ctx, index)
         if self._candidates is None:
-            n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx)))
-            self._candidates = Candidates(n_vocab)
+            self._candidates = Candidates(self.model.n_vocab)
+            self._candidates.first_bytes = first_bytes(self.model)
         logits = llama_cpp.llama_get_logits_ith(ctx, index)
         if self.settings.greedy:  # the chain is an argmax: no need to copy the vocabulary for it
             token = int(np.argmax(np.ctypeslib.as_array(logits, shape=(self._candidates.n_vocab,))))
@@ -97,8 +99,9 @@ class Candidates:
         self.view = np.frombuffer(self.data, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
         self.ids = np.arange(n_vocab, dtype=np.int32)
         self.one = (llama_cpp.llama_token_data * 1)()
-        self.part_data = (llama_cpp.llama_token_data * SCAN[-1])()
+        self.part_data = (llama_cpp.llama_token_data * n_vocab)()
         self.part = np.frombuffer(self.part_data, dtype=self.view.dtype)
+        self.first_bytes: FirstBytes | None = None
 
     @staticmethod
     def _array(data, size: int):
@@ -129,20 +132,23 @@ class Candidates:
 
     def pick_allowed(self, chain, grammar, logits, settings: SamplingSettings) -> int | None:
         """The chain's choice among the tokens ``grammar`` allows, as :meth:`pick` with ``first=grammar``
-        makes it, checking the likeliest candidates first: the whole vocabulary only when the likeliest
-        :data:`SCAN` do not settle it. They settle it when greedy (the likeliest allowed token), when they
-        hold ``top_k`` allowed tokens (the chain keeps no others), or when every token outside them has
-        under 1e-6 of the probability of the best allowed one. None when the grammar allows nothing."""
+        makes it, at a fraction of the cost. Only tokens whose first byte the grammar can take now are
+        looked at (:class:`FirstBytes`), the likeliest first: those of them it allows settle the choice when
+        greedy (the likeliest allowed token), when they hold ``top_k`` allowed tokens (the chain keeps no
+        others), or when every token left unchecked has under 1e-6 of the probability of the best allowed
+        one; else all of them are checked. None when the grammar allows nothing."""
         values = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        pool = self.first_bytes.possible(self, grammar)
         for size in SCAN:
-            if size >= self.n_vocab:
+            if size >= pool.size:
                 break
-            top = np.argpartition(values, -size)[-size:]
+            top = pool[np.argpartition(values[pool], -size)[-size:]]
             top = top[np.argsort(-values[top], kind="stable")]
             allowed = self._allowed_among(grammar, top, values)
-            if allowed.size and _settled(allowed, top, values, settings, self.n_vocab):
+            if allowed.size and _settled(allowed, top, values, settings, pool.size):
                 return self._choose(chain, allowed, values)
-        return self.pick(chain, logits, first=grammar)
+        allowed = self._allowed_among(grammar, pool, values)
+        return self._choose(chain, allowed, values) if allowed.size else None
 
     def _allowed_among(self, grammar, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Those of ``ids`` the grammar accepts next, in the order given (one grammar pass over them)."""
@@ -160,7 +166,46 @@ class Candidates:
         return int(array.data[array.selected].id)
 
 
-SCAN = (256, 4096)  # candidates checked against a grammar, likeliest first, before the whole vocabulary
+class FirstBytes:
+    """The vocabulary by the first byte of each token's text, and a one-byte token for each byte value:
+    asking the grammar about those (256 tokens at most) tells which first bytes it can take now, and so
+    which tokens can be allowed at all (a token the grammar accepts begins with a byte it accepts). Tokens
+    with no text (end of generation, control tokens) or whose first byte has no one-byte token are always
+    candidates. Made once a vocabulary."""
+
+    def __init__(self, model) -> None:
+        n_vocab = model.n_vocab
+        firsts = np.full(n_vocab, -1, dtype=np.int16)
+        probes: dict[int, int] = {}
+        for token in range(n_vocab):
+            piece = model.piece(token)
+            if piece:
+                firsts[token] = piece[0]
+                if len(piece) == 1:
+                    probes.setdefault(piece[0], token)
+        self.firsts = firsts
+        self.probe_bytes = np.array(sorted(probes), dtype=np.int16)
+        self.probe_tokens = np.array([probes[b] for b in sorted(probes)], dtype=np.int32)
+        self.always = (firsts < 0) | ~np.isin(firsts, self.probe_bytes)
+        self.level = np.zeros(n_vocab, dtype=np.float32)  # logits to probe with: only their finiteness counts
+
+    def possible(self, candidates: Candidates, grammar) -> np.ndarray:
+        """The tokens whose first byte the grammar can take next (and those always candidates)."""
+        taken = np.isin(self.probe_tokens, candidates._allowed_among(grammar, self.probe_tokens, self.level))
+        return np.flatnonzero(self.always | np.isin(self.firsts, self.probe_bytes[taken])).astype(np.int32)
+
+
+_FIRST_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def first_bytes(model) -> FirstBytes:
+    """The model's :class:`FirstBytes`, made on first use."""
+    if model not in _FIRST_BYTES:
+        _FIRST_BYTES[model] = FirstBytes(model)
+    return _FIRST_BYTES[model]
+
+
+SCAN = (256, 4096)  # candidates checked against a grammar, likeliest first, before all that may be allowed
 _NEGLIGIBLE = math.log(1e-6)
 
 

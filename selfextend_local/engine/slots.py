@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import llama_cpp
 import numpy as np
 
 from . import kshift
@@ -28,6 +29,7 @@ from .context import Context, Span
 from .errors import EngineError, Interrupted, SelfExtendError
 from .model import Model
 from .planning import Plan, plan_for
+from .promptcache import PromptCache
 from .sampling import Chunk, Sampler, TextStream
 from .sequence import Sequence
 from .settings import ExtendSettings, RuntimeSettings, SamplingSettings
@@ -99,7 +101,7 @@ class Slot:
         self.reused = request.reused = self.sequence.reuse(request.prompt)
         self.chunks = 0
         self.pending = list(request.prompt[self.reused :])
-        self.sampler = Sampler(request.sampling, self.sequence.model.vocab) if request.generate else None
+        self.sampler = Sampler(request.sampling, self.sequence.model) if request.generate else None
         self.stream = None
         self.next_token = None
         self.started = time.perf_counter()
@@ -200,8 +202,15 @@ class Engine:
     """Slots over the sequences of one context, decoded together; ``owns_context``: closing the engine
     closes the context."""
 
-    def __init__(self, context: Context, sequences: list[Sequence] | None = None, owns_context: bool = False) -> None:
+    def __init__(
+        self,
+        context: Context,
+        sequences: list[Sequence] | None = None,
+        owns_context: bool = False,
+        prompts: PromptCache | None = None,
+    ) -> None:
         self.context = context
+        self.prompts = prompts  # where a slot's prompt goes when the slot moves on (None: nowhere)
         self.model = context.model
         self.runtime = context.runtime
         self.owns_context = owns_context
@@ -211,8 +220,11 @@ class Engine:
         self._cells = context.cells  # read once: plan() may be called from another thread
 
     @classmethod
-    def create(cls, model: Model, n_slots: int, cells: int, runtime: RuntimeSettings | None = None) -> Engine:
-        """``n_slots`` sequences of ``cells`` KV cells each in a context of their own."""
+    def create(
+        cls, model: Model, n_slots: int, cells: int, runtime: RuntimeSettings | None = None, prompt_cache: int = 0
+    ) -> Engine:
+        """``n_slots`` sequences of ``cells`` KV cells each in a context of their own; ``prompt_cache``
+        bytes of host memory keep the prompts of slots that move on (:mod:`.promptcache`; 0: none)."""
         runtime = runtime or RuntimeSettings()
         # room for a whole prompt chunk beside one generated token a slot: a sequence is read in the chunks
         # it would be read in alone, so its grouping (and its output) does not depend on its neighbours
@@ -223,7 +235,17 @@ class Engine:
         except BaseException:
             context.close()
             raise
-        return cls(context, owns_context=True)
+        return cls(context, owns_context=True, prompts=PromptCache(prompt_cache) if prompt_cache else None)
+
+    def warm_up(self) -> None:
+        """Decode one token in every idle slot's empty stream at once, then remove it."""
+        idle = [slot for slot in self.slots if not slot.busy and (slot.sequence is None or not slot.sequence.tokens)]
+        if not idle:
+            return
+        token = llama_cpp.llama_vocab_bos(self.model.vocab)
+        self.context.decode([Span([max(token, 0)], 0, slot.index, "last") for slot in idle])
+        for slot in idle:
+            llama_cpp.llama_memory_seq_rm(self.context.mem, slot.index, -1, -1)
 
     def close(self) -> None:
         for slot in self.slots:
@@ -271,8 +293,10 @@ class Engine:
             request.plan = self.plan(request)
         slot = self._choose(request.prompt, request.plan)
         if slot.sequence is None or _key(slot.sequence.plan) != _key(request.plan):
+            self._keep(slot, 0)
             self._forget(slot)
             slot.sequence = Sequence(self.context, slot.index, request.plan)
+        self._start_from_kept(slot, request.prompt)
         slot.start(request)
         request.on_start()
         return slot
@@ -335,6 +359,27 @@ class Engine:
         request = slot.release()
         if request is not None:
             request.on_finish()
+
+    def _keep(self, slot: Slot, keep: int) -> None:
+        """Before a slot's cells after the first ``keep`` tokens are lost, keep them in the prompt cache."""
+        sequence = slot.sequence
+        if self.prompts is not None and sequence is not None and len(sequence.tokens) > keep:
+            self.prompts.keep(sequence, _key(sequence.plan))
+
+    def _start_from_kept(self, slot: Slot, prompt: list[int]) -> None:
+        """Restore a kept prompt that begins ``prompt`` further than the slot's own cells do."""
+        if self.prompts is None:
+            return
+        sequence = slot.sequence
+        own = sequence.shared_prefix(prompt)
+        kept = self.prompts.best(_key(sequence.plan), prompt, own)
+        self._keep(slot, own)
+        if kept is None:
+            return
+        try:
+            self.prompts.restore(sequence, kept)
+        except EngineError:
+            sequence.reset()
 
     def _forget(self, slot: Slot) -> None:
         """Forget the slot's cells (its sequence is replanned, or the engine closes)."""

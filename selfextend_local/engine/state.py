@@ -43,6 +43,11 @@ def load_file(sequence: Sequence, path: str, schedule_state: dict[str, int]) -> 
     sequence.adopt(list(tokens[: count.value]), schedule_state)
 
 
+def state_size(sequence: Sequence) -> int:
+    """Bytes :func:`state_bytes` would take (no copy made)."""
+    return llama_cpp.llama_state_seq_get_size(sequence.ctx, sequence.seq_id)
+
+
 def state_bytes(sequence: Sequence) -> bytearray:
     """The sequence's KV cells (positions included) as llama.cpp serialises them (one copy, no more)."""
     size = llama_cpp.llama_state_seq_get_size(sequence.ctx, sequence.seq_id)

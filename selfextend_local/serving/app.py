@@ -89,8 +89,11 @@ def create_app(
 
     runtime, extend, limits = runtime or RuntimeSettings(), extend or ExtendSettings(), limits or ServerLimits()
     chosen = capacity or scheduler.size(model, runtime, extend)
+    if model.info.chat_template:
+        model.chat_tokens([{"role": "user", "content": "warm"}])  # the template compiles once, not on a request
     serving = scheduler.ServingThread(
-        lambda: scheduler.Scheduler.create(model, runtime, capacity=chosen), limits.queue_size
+        lambda: scheduler.Scheduler.create(model, runtime, capacity=chosen, prompt_cache=limits.prompt_cache_bytes),
+        limits.queue_size,
     )
     server = Server(model, serving, runtime, limits, extend, api_key, None if api_key else allowed_hosts)
 
