@@ -237,3 +237,30 @@ def test_a_prompt_kept_when_its_slot_moves_on_is_read_from_memory_later(model, p
     without, _ = serve_in_turn(model, taken)
     assert own.reused == kept.reused == 600 and without.reused < 20
     assert got.tokens == want.tokens and len(got.tokens) == 12
+
+
+@pytest.mark.slow
+def test_a_chat_beside_a_long_reading_gets_its_tokens_while_it_reads(model, pydoc_tokens):
+    """A reading past LONG_READING goes PIECE tokens a step beside a generating slot: the chat's reply comes
+    while the document is still being read (whole chunks of 512 would let through one token a chunk), and
+    the reading's reply is what it is alone, up to the kernels' rounding (see above)."""
+    from selfextend_local.engine.slots import LONG_READING, PIECE
+
+    document = pydoc_tokens[: LONG_READING + 600]
+    sampling = SamplingSettings(temperature=0, max_tokens=8)
+    want = alone(model, document, sampling)
+    with batch(model, 2, 4096) as scheduler:
+        chat_request, chat_out = request(chat(model, "Tell me a story about a fox."))
+        scheduler.submit(chat_request)
+        scheduler.advance()  # the chat is generating
+        reading, got = request(document, sampling)
+        read = []
+        reading.progress = lambda done, total: read.append(done)
+        scheduler.submit(reading)
+        tokens_while_reading = 0
+        for _ in scheduler.steps():
+            if read and read[-1] < len(document):
+                tokens_while_reading = len(chat_out.tokens)
+    assert tokens_while_reading >= min(30, len(chat_out.tokens) - 1), (tokens_while_reading, len(read))
+    assert max(b - a for a, b in zip(read, read[1:tokens_while_reading])) <= PIECE  # pieces, not chunks
+    assert_same(want, got)

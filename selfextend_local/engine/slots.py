@@ -35,6 +35,11 @@ from .sequence import Sequence
 from .settings import ExtendSettings, RuntimeSettings, SamplingSettings
 
 Progress = Callable[[int, int], None]
+# A reading of more than LONG_READING tokens goes PIECE tokens a step while other slots generate: at 8k
+# tokens of context a whole chunk of 512 takes seconds on a laptop's CPU, and each generated token of a
+# chat beside it would wait that long.
+LONG_READING = 2048
+PIECE = 64
 LogitsSink = Callable[[int, np.ndarray], None]
 
 
@@ -85,7 +90,9 @@ class Slot:
         self.sampler: Sampler | None = None
         self.stream: TextStream | None = None
         self.reused = 0
-        self.chunks = 0  # prompt chunks decoded for the current request
+        self.chunks = 0  # prompt chunks (or pieces of them) decoded for the current request
+        self.chunk_left = 0  # tokens of the chunk begun that are still to decode
+        self.chunk_pos = 0  # the position of its next token
         self.started = 0.0
         self.last_used = 0.0
         self.staged: list[int] = []
@@ -99,7 +106,7 @@ class Slot:
         """Serve ``request``: keep what the sequence holds of its prompt, read the rest from the next step."""
         self.request = request
         self.reused = request.reused = self.sequence.reuse(request.prompt)
-        self.chunks = 0
+        self.chunks = self.chunk_left = 0
         self.pending = list(request.prompt[self.reused :])
         self.sampler = Sampler(request.sampling, self.sequence.model) if request.generate else None
         self.stream = None
@@ -112,15 +119,24 @@ class Slot:
         """The generated token to decode this step."""
         return self._stage([self.next_token], "last")
 
-    def prompt_span(self, room: int) -> Span | None:
-        """The next prompt chunk, if a whole one fits in ``room`` tokens."""
-        part = self.pending[: self.sequence.chunk]
-        if len(part) > room:
+    def prompt_span(self, room: int, piece: int | None = None) -> Span | None:
+        """The next prompt chunk, if a whole one fits in ``room`` tokens; with ``piece``, at most that many
+        tokens of it (the chunk's position edits are made once, before its first piece, so its cells end
+        where a whole chunk's would)."""
+        if not self.chunk_left:
+            size = min(len(self.pending), self.sequence.chunk)
+            if size > room and piece is None:
+                return None
+            self.chunk_pos = self.sequence.stage(size)
+            self.chunk_left = size
+        part = self.pending[: min(self.chunk_left, room, piece or self.chunk_left)]
+        if not part:
             return None
         last = len(part) == len(self.pending)
         request = self.request
         logits = "all" if request.prompt_logits else "last" if last else "none"
-        return self._stage(part, logits)
+        self.staged = part
+        return Span(part, self.chunk_pos, self.index, logits)
 
     def _stage(self, tokens: list[int], logits: str) -> Span:
         start = self.sequence.stage(len(tokens))
@@ -137,6 +153,8 @@ class Slot:
             self.next_token = None
             return self._sample(context, first)
         del self.pending[: len(tokens)]
+        self.chunk_left -= len(tokens)
+        self.chunk_pos += len(tokens)
         self.chunks += 1
         if request.prompt_logits:
             request.prompt_logits(
@@ -194,6 +212,7 @@ class Slot:
             self.sampler.close()
         self.request = self.sampler = self.stream = None
         self.pending, self.next_token, self.staged = [], None, []
+        self.chunk_left = 0
         self.last_used = time.perf_counter()
         return request
 
@@ -343,12 +362,14 @@ class Engine:
     def _gather(self) -> list[tuple[Slot, Span]]:
         """This step's spans: each generating slot's token, then whole prompt chunks: first those of prompts
         not yet begun, then the rest, each in arrival order (a short new request's first token does not
-        wait for a long prompt's later chunks)."""
+        wait for a long prompt's later chunks). While some slots generate, a long reading goes
+        :data:`PIECE` tokens a step, so that their tokens do not each wait for a whole chunk of it."""
         spans = [(slot, slot.token_span()) for slot in self.slots if slot.busy and slot.next_token is not None]
         room = self.context.n_batch - len(spans)
         reading = (s for s in self.slots if s.busy and s.pending)
         for slot in sorted(reading, key=lambda s: (s.chunks > 0, s.started)):
-            span = slot.prompt_span(room)
+            long = len(slot.request.prompt) - slot.reused > LONG_READING
+            span = slot.prompt_span(room, PIECE if spans and long else None)
             if span is None:
                 break  # whole chunks only; the next step has room for it
             spans.append((slot, span))
