@@ -30,7 +30,7 @@ cache_size_option = click.option(
 MAX_CACHE_GIB = 1 << 16
 
 
-def _cache(cache_dir: Path | None, cache_size: float):
+def open_cache(cache_dir: Path | None, cache_size: float):
     from ..engine.kvcache import KVCache
     from ..engine.settings import check_range
 
@@ -88,7 +88,7 @@ def qa(
     if not questions and not interactive:
         raise BadInputError("ask a question (an argument or -q), or use --interactive")
     text = read_document(doc_path)
-    cache = None if no_cache else _cache(cache_dir, cache_size)
+    cache = None if no_cache else open_cache(cache_dir, cache_size)
     llm = load_for_cli(model, runtime, verbose)
     with DocumentQA(llm, text, extend, runtime, sampling, cache) as doc:
         describe_session(doc.session)

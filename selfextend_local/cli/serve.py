@@ -10,6 +10,7 @@ import click
 
 from ..serving.limits import ServerLimits
 from .display import log
+from .docs import cache_dir_option, cache_size_option, open_cache
 from .options import extend_options, log_options, model_option, runtime_options
 from .run import load_for_cli
 
@@ -94,6 +95,9 @@ _LIMITS = ServerLimits()  # the defaults, written once there
     default=None,
     help="Requests decoded together (slots). Default: 4, or fewer if half the available memory cannot hold them.",
 )
+@click.option("--no-cache", is_flag=True, help="Do not keep read documents in the disk cache.")
+@cache_dir_option
+@cache_size_option
 @model_option
 @runtime_options
 @extend_options
@@ -107,17 +111,22 @@ def serve(
     max_tokens_limit,
     prompt_cache,
     parallel,
+    no_cache,
+    cache_dir,
+    cache_size,
     model,
     runtime,
     extend,
     verbose,
 ) -> None:
-    """Serve the model over an OpenAI-compatible API with SelfExtend.
+    """Serve the model: a page at / to chat and to read long documents, and OpenAI's API with SelfExtend.
 
-    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health. Settings are
-    planned per request unless -g/-w are given; a request may pass its own in the extra body field
-    "selfextend": {"group": G, "window": W, "schedule": "neighbor"}. Up to --parallel requests are decoded
-    together, each in a slot of --ctx cells (default: what the model family's setting reaches).
+    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, the documents under
+    /v1/documents, GET /health. Settings are planned per request unless -g/-w are given; a request may pass
+    its own in the extra body field "selfextend": {"group": G, "window": W, "schedule": "neighbor"}. Up to
+    --parallel requests are decoded together, each in a slot of --ctx cells (default: what the model
+    family's setting reaches). Documents given to the server, and the state of those read, are kept in
+    --cache-dir (shared with qa).
     """
     import uvicorn
 
@@ -133,9 +142,13 @@ def serve(
     if not _is_loopback(host) and not api_key:
         log(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
     hosts = loopback_hosts(host, port) if _is_loopback(host) else None
-    app = create_app(llm, runtime, extend, api_key, limits, allowed_hosts=hosts, capacity=chosen)
+    kv_cache = open_cache(cache_dir, cache_size)
+    documents = kv_cache.root / "documents"
+    kv = None if no_cache else kv_cache
+    app = create_app(llm, runtime, extend, api_key, limits, hosts, chosen, kv, documents)
     log(f"allocated {chosen.describe()}")
     log(f"serving {llm.path.name} on {url_for(host, port)}/v1 (queue {queue_size}, auth {'on' if api_key else 'off'})")
+    log(f"the page: {url_for(host, port)}/")
     # A stop (Ctrl-C, SIGTERM) waits this long for open streams, then cancels them and frees the worker.
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[sock])

@@ -174,6 +174,10 @@ class KVCache:
             return False
         return True
 
+    def has(self, identity: dict) -> bool:
+        """Whether an entry for ``identity`` is there (not verified: :meth:`open` does that)."""
+        return _recognised(self._path(self.key(identity))) is None
+
     @contextmanager
     def open(self, identity: dict) -> Iterator[Entry | None]:
         """The verified entry for ``identity`` while the block runs, or None; a damaged or mismatched

@@ -51,6 +51,24 @@ def _never() -> bool:
     return False
 
 
+def _not_restored(_sequence) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Held:
+    """The start of a prompt to keep exactly: a document that questions follow. Its first ``length`` tokens
+    are read in chunks that end at it, then the sequence is held for ``room`` tokens more (questions and
+    answers appended without grouping, so the next request drops them and finds the document as read).
+    ``restore(sequence)`` may load the document from a disk cache instead (True when it did);
+    ``on_read(sequence)`` is called once it has been read (to write that cache)."""
+
+    length: int
+    room: int
+    restore: Callable[[Sequence], bool] = _not_restored
+    on_read: Callable[[Sequence], None] = _ignore
+
+
 @dataclass(eq=False)
 class Request:
     """One prompt to serve.
@@ -60,6 +78,7 @@ class Request:
     polled before every step. ``plan`` is computed once, by :meth:`Engine.plan` (a caller may do it early,
     to refuse a request before it waits). With ``generate`` False the prompt is only read (evaluations,
     documents): ``prompt_logits(offset, rows)`` then receives every prompt token's logits, chunk by chunk.
+    ``held``: the prompt begins with a document to keep (:class:`Held`).
     """
 
     prompt: list[int]
@@ -76,6 +95,7 @@ class Request:
     generate: bool = True
     prompt_logits: LogitsSink | None = None
     reused: int = 0  # set when it starts: prompt tokens its slot already held
+    held: Held | None = None
 
 
 class Slot:
@@ -105,13 +125,29 @@ class Slot:
     def start(self, request: Request) -> None:
         """Serve ``request``: keep what the sequence holds of its prompt, read the rest from the next step."""
         self.request = request
-        self.reused = request.reused = self.sequence.reuse(request.prompt)
+        self.reused = request.reused = self._keep_document(request) or self.sequence.reuse(request.prompt)
         self.chunks = self.chunk_left = 0
         self.pending = list(request.prompt[self.reused :])
         self.sampler = Sampler(request.sampling, self.sequence.model) if request.generate else None
         self.stream = None
         self.next_token = None
         self.started = time.perf_counter()
+
+    def _keep_document(self, request: Request) -> int:
+        """For a request with a held document: the document's length when this slot holds it (after a
+        restore from the disk cache, if need be), the questions after it dropped; else 0."""
+        held, sequence = request.held, self.sequence
+        if held is None or (request.generate and len(request.prompt) <= held.length):
+            return 0  # (a reply needs a token after the document, to be sampled from its logits)
+        document = request.prompt[: held.length]
+        if sequence.tokens[: held.length] != document:
+            if not held.restore(sequence) or sequence.tokens != document:
+                sequence.reset()
+                return 0
+            sequence.hold(held.room)
+        if sequence.held != held.length or not sequence.truncate(held.length):
+            return 0
+        return held.length
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -125,6 +161,9 @@ class Slot:
         where a whole chunk's would)."""
         if not self.chunk_left:
             size = min(len(self.pending), self.sequence.chunk)
+            held, have = self.request.held, len(self.sequence.tokens)
+            if held and have < held.length:  # the document's last chunk ends where it does
+                size = min(size, held.length - have)
             if size > room and piece is None:
                 return None
             self.chunk_pos = self.sequence.stage(size)
@@ -156,6 +195,10 @@ class Slot:
         self.chunk_left -= len(tokens)
         self.chunk_pos += len(tokens)
         self.chunks += 1
+        held = request.held
+        if held and len(self.sequence.tokens) == held.length and self.sequence.held is None:
+            self.sequence.hold(held.room)
+            held.on_read(self.sequence)
         if request.prompt_logits:
             request.prompt_logits(
                 len(request.prompt) - self.reused - len(self.pending) - len(tokens), context.logits(first, len(tokens))
@@ -294,9 +337,14 @@ class Engine:
         return sum(s.busy for s in self.slots)
 
     def plan(self, request: Request) -> Plan:
-        """The plan a request gets, within a slot's cells; raises InputTooLongError and the like (pure)."""
-        n_new = request.sampling.max_tokens if request.generate else 0
-        n_tokens = len(request.prompt) + n_new
+        """The plan a request gets, within a slot's cells; raises InputTooLongError and the like (pure). A
+        request with a held document gets the document's plan (the reading and every question the same)."""
+        if request.held is not None:
+            n_new = request.held.room
+            n_tokens = request.held.length + n_new
+        else:
+            n_new = request.sampling.max_tokens if request.generate else 0
+            n_tokens = len(request.prompt) + n_new
         runtime = replace(self.runtime, ctx=None)  # a slot's cells are fixed: the room, not --ctx, is the limit
         return plan_for(self.model, n_tokens, request.extend, runtime, generate=n_new, room=self.cells)
 
@@ -315,9 +363,14 @@ class Engine:
             self._keep(slot, 0)
             self._forget(slot)
             slot.sequence = Sequence(self.context, slot.index, request.plan)
-        self._start_from_kept(slot, request.prompt)
+        if request.held is None:
+            self._start_from_kept(slot, request.prompt)
         slot.start(request)
         request.on_start()
+        if not slot.pending and not request.generate:  # all of it was there already: nothing to read
+            if request.progress:
+                request.progress(len(request.prompt), len(request.prompt))
+            self._end(slot)
         return slot
 
     def _choose(self, prompt: list[int], plan: Plan) -> Slot:

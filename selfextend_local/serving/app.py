@@ -4,22 +4,25 @@ Requests run on a :class:`~selfextend_local.engine.scheduler.ServingThread` that
 number of them together, each with its own SelfExtend plan, sampling and grammar; waiting requests sit in
 a bounded queue, and one more gets an immediate 429. A slot keeps its cache between requests: a request
 whose tokens start with what a slot holds ingests only the rest. The APIs: OpenAI's
-(:mod:`.openai_api`).
+(:mod:`.openai_api`), documents (:mod:`.documents_api`), and a page to use them (:mod:`.page`).
 """
 
 from __future__ import annotations
 
 import hmac
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ..engine import scheduler
 from ..engine.capacity import Capacity
+from ..engine.kvcache import KVCache, default_dir
 from ..engine.model import Model
 from ..engine.settings import ExtendSettings, RuntimeSettings
 from .http import APIError, Server, server_of
+from .library import Library
 from .limits import ServerLimits
 
 
@@ -28,12 +31,17 @@ def _bearer_token(header: str) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-OPEN_PATHS = frozenset({"/health"})  # answered without the API key
+OPEN_PATHS = frozenset({"/health", "/"})  # answered without the API key (the page asks for it)
+UPLOADS = frozenset({"/v1/documents"})  # bodies that are documents, not JSON
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith("/static/")
 
 
 def _refusal(request: Request, server: Server) -> APIError | None:
     """Why a request is refused before it is read: wrong key, a foreign Host, a body that is not JSON."""
-    if server.api_key and request.url.path not in OPEN_PATHS:
+    if server.api_key and not _open(request.url.path):
         given = _bearer_token(request.headers.get("authorization", ""))
         if not hmac.compare_digest(given.encode(), server.api_key.encode()):
             return APIError(401, "invalid or missing API key", code="invalid_api_key")
@@ -41,7 +49,7 @@ def _refusal(request: Request, server: Server) -> APIError | None:
     if hosts is not None and request.headers.get("host", "").lower() not in hosts:
         # A loopback server without a key: a page on another site must not reach it through DNS rebinding.
         return APIError(400, "the Host header does not name this server", code="invalid_host")
-    if request.method == "POST":
+    if request.method == "POST" and request.url.path not in UPLOADS:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
             return APIError(415, "the request body must be JSON (Content-Type: application/json)")
@@ -79,13 +87,17 @@ def create_app(
     limits: ServerLimits | None = None,
     allowed_hosts: set[str] | None = None,
     capacity: Capacity | None = None,
+    kv_cache: KVCache | None = None,
+    documents: Path | None = None,
 ) -> FastAPI:
     """The ASGI app; ``extend`` holds the server's SelfExtend setting (None fields: planned per request),
-    ``capacity`` its slots and cells (default: :func:`~selfextend_local.engine.scheduler.size`'s choice).
+    ``capacity`` its slots and cells (default: :func:`~selfextend_local.engine.scheduler.size`'s choice);
+    documents given to it are kept in ``documents`` (default: a folder in the disk cache's) and read ones
+    in ``kv_cache`` (None: not kept).
 
     ``allowed_hosts``: with no API key, the Host headers a request must carry (None: any).
     """
-    from . import openai_api
+    from . import documents_api, openai_api, page
 
     runtime, extend, limits = runtime or RuntimeSettings(), extend or ExtendSettings(), limits or ServerLimits()
     chosen = capacity or scheduler.size(model, runtime, extend)
@@ -95,7 +107,9 @@ def create_app(
         lambda: scheduler.Scheduler.create(model, runtime, capacity=chosen, prompt_cache=limits.prompt_cache_bytes),
         limits.queue_size,
     )
-    server = Server(model, serving, runtime, limits, extend, api_key, None if api_key else allowed_hosts)
+    library = Library(documents or default_dir() / "documents")
+    hosts = None if api_key else allowed_hosts
+    server = Server(model, serving, runtime, limits, extend, library, kv_cache, api_key, hosts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -105,10 +119,11 @@ def create_app(
 
     app = FastAPI(title="selfextend-local", version="1", lifespan=lifespan)
     app.state.server = server
+    app.state.documents = documents_api.Documents(server)
     app.add_exception_handler(APIError, _api_error)
     app.add_middleware(Guard, server=server)
-    app.include_router(router)
-    app.include_router(openai_api.router)
+    for routes in (router, openai_api.router, documents_api.router, page.router):
+        app.include_router(routes)
     return app
 
 
@@ -135,4 +150,5 @@ async def status(request: Request) -> dict:
         "busy_slots": serving.busy_slots,
         "slots": serving.slots,
         "cells": serving.cells,
+        "kv_type": server.runtime.kv_type,
     }

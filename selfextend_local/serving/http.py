@@ -25,10 +25,12 @@ from pydantic import BaseModel, ValidationError
 
 from ..engine.errors import InputTooLongError, Interrupted, Naming, SelfExtendError
 from ..engine.grammar import ReplyError
+from ..engine.kvcache import KVCache
 from ..engine.model import Model
 from ..engine.scheduler import ServingThread
 from ..engine.settings import ExtendSettings, RuntimeSettings
 from ..engine.slots import Request as EngineRequest
+from .library import Library
 from .limits import ServerLimits
 
 EXTRA_FIELD = "selfextend"  # the extra body field for per-request settings: {"group": 4, "window": 2048, ...}
@@ -76,13 +78,16 @@ class APIError(Exception):
 
 @dataclass
 class Server:
-    """What the handlers share: the model, the serving thread, the limits and the default settings."""
+    """What the handlers share: the model, the serving thread, the limits, the default settings, the
+    documents given to it and the disk cache of read documents."""
 
     model: Model
     serving: ServingThread
     runtime: RuntimeSettings
     limits: ServerLimits
     extend: ExtendSettings
+    library: Library
+    kv_cache: KVCache | None = None
     api_key: str | None = None
     allowed_hosts: set[str] | None = None
     model_id: str = field(init=False)

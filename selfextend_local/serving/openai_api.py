@@ -25,6 +25,7 @@ from ..engine.grammar import Structure, response_format_structure
 from ..engine.model import Model
 from ..engine.sampling import Chunk, check_grammar
 from ..engine.settings import ExtendSettings, SamplingSettings
+from ..engine.slots import Held
 from ..engine.slots import Request as EngineRequest
 from .http import APIError, Call, Progress, Server, http_naming, off_loop, parse, served_by, server_of
 from .http import start as start_call
@@ -149,6 +150,7 @@ class CommonRequest(BaseModel):
 class ChatRequest(CommonRequest):
     messages: list[Message] = Field(min_length=1)
     response_format: dict | None = None
+    document: str | None = None  # a document given to the server: the last user message is a question on it
 
     input_param: ClassVar[str] = "messages"
 
@@ -185,11 +187,12 @@ def settings_for(req: CommonRequest, server: Server) -> tuple[ExtendSettings, Sa
         raise APIError.of(exc, http_naming(req.input_param)) from None
 
 
-async def respond(request: Request, req: CommonRequest, tokens: list[int], chat: bool):
+async def respond(request: Request, req: CommonRequest, tokens: list[int], chat: bool, held: Held | None = None):
     server = server_of(request)
     extend, sampling = await off_loop(server, settings_for, req, server)
     call = Call(asyncio.get_running_loop(), http_naming(req.input_param))
-    engine_request = call.wire(EngineRequest(tokens, sampling, extend), progress=req.stream and req.return_progress)
+    engine_request = EngineRequest(tokens, sampling, extend, held=held)
+    call.wire(engine_request, progress=req.stream and req.return_progress)
     events = await start_call(server, call, engine_request)
     reply = Reply.new(server.model_id, chat, served_by(engine_request, server.runtime))
     if req.stream:
@@ -263,7 +266,31 @@ async def chat_completions(request: Request):
     req = await parse(request, ChatRequest)
     server = server_of(request)
     messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
+    if req.document is not None:
+        return await about_document(request, req, messages)
     return await respond(request, req, await off_loop(server, chat_tokens, server.model, messages), chat=True)
+
+
+async def about_document(request: Request, req: ChatRequest, messages: list[dict]):
+    """A question on a document given to the server (:mod:`.documents_api`), answered as ``qa`` does: the
+    last user message is the question; the document is read with the server's setting, and the question
+    and answer fit the room held after it."""
+    from .documents_api import MAX_ANSWER, documents_of
+
+    if req.selfextend is not None:
+        raise APIError(400, "a document is read with the server's setting; leave out selfextend", param="selfextend")
+    if (req.max_completion_tokens or req.max_tokens or 0) > MAX_ANSWER:
+        raise APIError(400, f"an answer about a document has at most {MAX_ANSWER} tokens", param="max_tokens")
+    asked = [m["content"] for m in messages if m["role"] == "user"]
+    if not asked or not asked[-1].strip():
+        raise APIError(400, "a question about a document is the last user message; it is empty", param="messages")
+    server = server_of(request)
+    doc = await off_loop(server, documents_of(request).document, req.document)
+    try:
+        tokens = await off_loop(server, doc.question, asked[-1])
+    except SelfExtendError as exc:
+        raise APIError.of(exc, http_naming("messages")) from None
+    return await respond(request, req, tokens, chat=True, held=doc.held())
 
 
 def chat_tokens(model: Model, messages: list[dict]) -> list[int]:

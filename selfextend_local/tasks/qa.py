@@ -54,6 +54,83 @@ def question_tokens(model: Model, question: str, after: Pieces) -> list[int]:
     return tokens
 
 
+class DocumentCache:
+    """A document's state in the disk cache (:class:`~..engine.kvcache.KVCache`), for any sequence that
+    holds it: a qa session, or a slot of the server's. The entry is keyed by what the state depends on, so
+    a document read by ``qa`` opens at once in the server, and the other way round."""
+
+    def __init__(self, model: Model, doc_tokens: list[int], cache: KVCache | None) -> None:
+        self.model, self.doc_tokens, self.cache = model, doc_tokens, cache
+        self.warnings: list[str] = []
+
+    def identity(self, sequence) -> dict:
+        """What a cached state must match: model file, build, settings and the document's tokens."""
+        stat = self.model.path.stat()
+        return {
+            "model": str(self.model.path.resolve()),
+            "model_size": stat.st_size,
+            "model_mtime_ns": stat.st_mtime_ns,
+            "llama_cpp": llama_cpp.__version__,
+            "group": sequence.plan.group,
+            "window": sequence.plan.window,
+            "schedule": sequence.plan.schedule,
+            "division": sequence.divider.name if sequence.divider else None,
+            "kv_type": sequence.runtime.kv_type,
+            "chunk": sequence.chunk,
+            "document": tokens_digest(self.doc_tokens),
+            "n_tokens": len(self.doc_tokens),
+        }
+
+    def cached(self, sequence) -> bool:
+        """Whether the cache has an entry for this document as ``sequence`` would hold it (not verified)."""
+        return self.cache is not None and self.cache.has(self.identity(sequence))
+
+    def restore(self, sequence) -> bool:
+        """Load the document's state into ``sequence`` from the cache; False (and an empty sequence) when
+        there is none, or llama.cpp or the schedule will not take it (that entry is deleted)."""
+        if self.cache is None:
+            return False
+        identity = self.identity(sequence)
+        with self.cache.open(identity) as entry:
+            if entry is None:
+                return False
+            try:
+                state.load_file(sequence, entry.state_path, entry.schedule_state)
+            except EngineError:
+                failed = True
+            else:
+                failed = sequence.tokens != self.doc_tokens
+        if failed:
+            self.cache.discard(identity)
+            sequence.reset()
+        return not failed
+
+    def save(self, sequence) -> None:
+        """Write the state of ``sequence`` (holding exactly the document) to the cache; a cache that cannot
+        be written is skipped, and :meth:`take_warnings` says why."""
+        if self.cache is None:
+            return
+        info = {"model_name": self.model.info.name, "plan": sequence.plan.describe()}
+        try:
+            self.cache.put(
+                self.identity(sequence),
+                lambda path: state.save_file(sequence, path),
+                len(self.doc_tokens),
+                sequence.schedule.state(),
+                info,
+            )
+        except CacheWriteError as exc:
+            self.warnings.append(str(exc))
+
+    def take_warnings(self) -> list[str]:
+        """What the cache had to say since the last call, each once."""
+        found = self.warnings + (self.cache.warnings if self.cache else [])
+        self.warnings = []
+        if self.cache:
+            self.cache.warnings = []
+        return list(dict.fromkeys(found))
+
+
 class DocumentQA:
     """A document held in a session; ``ask`` returns to the document-only state before each question."""
 
@@ -76,7 +153,7 @@ class DocumentQA:
         self._snapshot: tuple[bytearray, dict[str, int]] | None = None  # only when the session cannot hold
         self._unsaved = False
         self.source: str | None = None
-        self._warnings: list[str] = []
+        self.doc_cache = DocumentCache(model, self.doc_tokens, cache)
 
     def close(self) -> None:
         if self.session.ctx is not None:
@@ -90,23 +167,8 @@ class DocumentQA:
         self.close()
 
     def identity(self) -> dict:
-        """What a cached state must match: model file, build, settings and the document's tokens."""
-        session = self.session
-        stat = self.model.path.stat()
-        return {
-            "model": str(self.model.path.resolve()),
-            "model_size": stat.st_size,
-            "model_mtime_ns": stat.st_mtime_ns,
-            "llama_cpp": llama_cpp.__version__,
-            "group": session.plan.group,
-            "window": session.plan.window,
-            "schedule": session.plan.schedule,
-            "division": session.divider.name if session.divider else None,
-            "kv_type": session.runtime.kv_type,
-            "chunk": session.chunk,
-            "document": tokens_digest(self.doc_tokens),
-            "n_tokens": len(self.doc_tokens),
-        }
+        """What a cached state must match (see :class:`DocumentCache`)."""
+        return self.doc_cache.identity(self.session)
 
     def load(self, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> str:
         """Make the document's state ready: from the cache ("cache") or by ingesting it ("ingested").
@@ -127,20 +189,7 @@ class DocumentQA:
         return self.source
 
     def _restore(self) -> bool:
-        identity = self.identity()
-        with self.cache.open(identity) as entry:
-            if entry is None:
-                return False
-            try:
-                state.load_file(self.session, entry.state_path, entry.schedule_state)
-            except EngineError:
-                failed = True
-            else:
-                failed = self.session.tokens != self.doc_tokens
-        if failed:
-            self.cache.discard(identity)
-            self.session.reset()
-        return not failed
+        return self.doc_cache.restore(self.session)
 
     def save(self) -> None:
         """Write the document's state to the cache if it was ingested and not written yet (once).
@@ -151,16 +200,7 @@ class DocumentQA:
             return
         self._unsaved = False
         self._back_to_document()
-        info = {"model_name": self.model.info.name, "plan": self.session.plan.describe()}
-        try:
-            self.cache.put(
-                self.identity(), self._write_state, len(self.doc_tokens), self.session.schedule.state(), info
-            )
-        except CacheWriteError as exc:
-            self._warnings.append(str(exc))
-
-    def _write_state(self, path) -> None:
-        state.save_file(self.session, path)
+        self.doc_cache.save(self.session)
 
     def _back_to_document(self) -> None:
         if self.session.tokens == self.doc_tokens:
@@ -173,11 +213,7 @@ class DocumentQA:
     def take_warnings(self) -> list[str]:
         """What the cache had to say since the last call (a damaged entry rebuilt, a write that failed,
         something in its folder it left alone), each once."""
-        found = self._warnings + (self.cache.warnings if self.cache else [])
-        self._warnings = []
-        if self.cache:
-            self.cache.warnings = []
-        return list(dict.fromkeys(found))
+        return self.doc_cache.take_warnings()
 
     def question_tokens(self, question: str) -> list[int]:
         return question_tokens(self.model, question, self._after)
