@@ -408,6 +408,7 @@ class Llama:
         """The assistant's reply to ``messages`` through the GGUF's chat template: a ``chat.completion``
         dict, or ``chat.completion.chunk`` dicts with ``stream``. ``response_format`` ``json_object`` or
         ``json_schema`` constrains the reply to JSON (that validates against the schema)."""
+        kwargs.pop("model", None)  # a name to report, as llama-cpp-python takes it: there is one model here
         _refuse_unsupported(kwargs, _NEUTRAL_CALL, "create_chat_completion()")
         _check_types(
             {
@@ -429,6 +430,19 @@ class Llama:
             sampling = self._sampling(len(tokens), max_tokens, temperature, top_p, min_p, top_k, stop, seed, structure)
             call = _Call(tokens, sampling, Reply.new(self.model_path, chat=True))
         return self._stream(call) if stream else self._whole(call)
+
+    def create_chat_completion_openai_v1(self, *args, **kwargs):
+        """:meth:`create_chat_completion` returning the ``openai`` package's objects (``ChatCompletion``, or
+        ``ChatCompletionChunk`` s when streaming), as llama-cpp-python's does: what ``instructor`` drives."""
+        try:
+            from openai.types.chat import ChatCompletion, ChatCompletionChunk
+        except ImportError:
+            raise BadInputError(
+                "create_chat_completion_openai_v1 needs the openai package: pip install openai"
+            ) from None
+        if kwargs.get("stream", False):
+            return (ChatCompletionChunk(**chunk) for chunk in self.create_chat_completion(*args, **kwargs))
+        return ChatCompletion(**self.create_chat_completion(*args, **kwargs))
 
     def _chat_tokens(self, messages: list[dict]) -> list[int]:
         if not isinstance(messages, list) or not messages:

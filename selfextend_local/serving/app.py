@@ -4,7 +4,8 @@ Requests run on a :class:`~selfextend_local.engine.scheduler.ServingThread` that
 number of them together, each with its own SelfExtend plan, sampling and grammar; waiting requests sit in
 a bounded queue, and one more gets an immediate 429. A slot keeps its cache between requests: a request
 whose tokens start with what a slot holds ingests only the rest. The APIs: OpenAI's
-(:mod:`.openai_api`), documents (:mod:`.documents_api`), and a page to use them (:mod:`.page`).
+(:mod:`.openai_api`), Ollama's (:mod:`.ollama_api`), documents (:mod:`.documents_api`), and a page to
+use them (:mod:`.page`).
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ class Guard:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            refusal = _refusal(Request(scope), self.server)
+            request = Request(scope)
+            refusal = _refusal(request, self.server)
             if refusal is not None:
-                await refusal.response()(scope, receive, send)
+                await error_response(request, refusal)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -97,7 +99,7 @@ def create_app(
 
     ``allowed_hosts``: with no API key, the Host headers a request must carry (None: any).
     """
-    from . import documents_api, openai_api, page
+    from . import documents_api, ollama_api, openai_api, page
 
     runtime, extend, limits = runtime or RuntimeSettings(), extend or ExtendSettings(), limits or ServerLimits()
     chosen = capacity or scheduler.size(model, runtime, extend)
@@ -122,13 +124,21 @@ def create_app(
     app.state.documents = documents_api.Documents(server)
     app.add_exception_handler(APIError, _api_error)
     app.add_middleware(Guard, server=server)
-    for routes in (router, openai_api.router, documents_api.router, page.router):
+    for routes in (router, openai_api.router, ollama_api.router, documents_api.router, page.router):
         app.include_router(routes)
     return app
 
 
-async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+def error_response(request: Request, exc: APIError) -> JSONResponse:
+    """The error in the shape of the API it came to: Ollama's ``{"error": "..."}`` under /api/, else
+    OpenAI's."""
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
     return exc.response()
+
+
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(request, exc)
 
 
 router = APIRouter()

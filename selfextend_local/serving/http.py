@@ -149,6 +149,25 @@ async def parse(request: Request, schema: type[BaseModel]) -> BaseModel:
 
 # -- to the engine and back -------------------------------------------------------------------------
 
+
+def chat_tokens(model: Model, messages: list[dict], input_param: str = "messages") -> list[int]:
+    """The conversation's tokens through the model's chat template (its lines joined, without one)."""
+    try:
+        if model.info.chat_template:
+            return model.chat_tokens(messages)
+        return model.tokenize("\n".join(m["content"] for m in messages))
+    except SelfExtendError as exc:
+        raise APIError.of(exc, http_naming(input_param)) from None
+
+
+def prompt_tokens(model: Model, prompt: str, special: bool = False) -> list[int]:
+    """A prompt's tokens (``special``: control-token syntax in it is parsed, as a raw prompt wants)."""
+    try:
+        return model.tokenize(prompt, parse_special=special)
+    except SelfExtendError as exc:
+        raise APIError.of(exc, http_naming("prompt")) from None
+
+
 STARTED = "started"  # the first event of a call: it has a slot, and its prompt is being read
 
 

@@ -22,12 +22,23 @@ from sse_starlette import EventSourceResponse
 
 from ..engine.errors import SelfExtendError
 from ..engine.grammar import Structure, response_format_structure
-from ..engine.model import Model
 from ..engine.sampling import Chunk, check_grammar
 from ..engine.settings import ExtendSettings, SamplingSettings
 from ..engine.slots import Held
 from ..engine.slots import Request as EngineRequest
-from .http import APIError, Call, Progress, Server, http_naming, off_loop, parse, served_by, server_of
+from .http import (
+    APIError,
+    Call,
+    Progress,
+    Server,
+    chat_tokens,
+    http_naming,
+    off_loop,
+    parse,
+    prompt_tokens,
+    served_by,
+    server_of,
+)
 from .http import start as start_call
 from .http import watch as watch_call
 from .openai import Reply
@@ -291,23 +302,6 @@ async def about_document(request: Request, req: ChatRequest, messages: list[dict
     except SelfExtendError as exc:
         raise APIError.of(exc, http_naming("messages")) from None
     return await respond(request, req, tokens, chat=True, held=doc.held())
-
-
-def chat_tokens(model: Model, messages: list[dict]) -> list[int]:
-    """The conversation's tokens through the model's chat template (its lines joined, without one)."""
-    try:
-        if model.info.chat_template:
-            return model.chat_tokens(messages)
-        return model.tokenize("\n".join(m["content"] for m in messages))
-    except SelfExtendError as exc:
-        raise APIError.of(exc, http_naming("messages")) from None
-
-
-def prompt_tokens(model: Model, prompt: str) -> list[int]:
-    try:
-        return model.tokenize(prompt)
-    except SelfExtendError as exc:
-        raise APIError.of(exc, http_naming("prompt")) from None
 
 
 @router.post("/v1/completions")

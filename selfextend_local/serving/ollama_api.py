@@ -1,0 +1,392 @@
+"""Ollama's API, for the tools that speak only it: ``/api/chat``, ``/api/generate``, ``/api/tags``,
+``/api/show``, ``/api/ps``, ``/api/version``, on the same engine and slots as OpenAI's, self-extended.
+
+Streamed replies are newline-delimited JSON (``"stream": false`` gives one object), errors are Ollama's
+``{"error": "..."}``. ``options`` map to our settings (``temperature``, ``top_k``, ``top_p``, ``min_p``,
+``seed``, ``stop``, ``num_predict``), plus ``selfextend_group``, ``selfextend_window`` and
+``selfextend_schedule``; ``num_ctx`` is taken and needs no effect (a request is served when its prompt and
+``num_predict`` fit a slot, self-extended past the training context); the options that configure Ollama's
+own runner (threads, GPU layers, batch, memory mapping) are the server's and ignored, as are
+``keep_alive`` and ``truncate``. Any other field or option, and a value of a sampling option we do not
+have (a repeat penalty, mirostat) other than the one that changes nothing, is refused by name.
+``format`` is ``"json"`` or a JSON schema, through the same grammar as OpenAI's ``response_format``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+from dataclasses import replace
+from typing import Any, ClassVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import __version__
+from ..engine.errors import Naming, SelfExtendError
+from ..engine.grammar import Structure, json_structure, schema_structure
+from ..engine.sampling import Chunk
+from ..engine.slots import Request as EngineRequest
+from .http import (
+    APIError,
+    Call,
+    Server,
+    chat_tokens,
+    http_naming,
+    off_loop,
+    parse,
+    prompt_tokens,
+    served_by,
+    server_of,
+)
+from .http import start as start_call
+from .openai_api import sampling_for
+
+COMPATIBLE_VERSION = "0.12.0"  # the Ollama API this follows (clients read /api/version)
+RUNNER_OPTIONS = frozenset(  # Ollama's settings of its own runner: here they are the server's
+    {"num_thread", "num_gpu", "main_gpu", "num_batch", "use_mmap", "use_mlock", "numa", "low_vram", "vocab_only"}
+)
+NEUTRAL_OPTIONS = {  # sampling we do not have, accepted at the value that changes nothing
+    "repeat_penalty": (1, 1.0),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "typical_p": (1, 1.0),
+    "tfs_z": (1, 1.0),
+    "mirostat": (0,),
+}
+IGNORED_OPTIONS = frozenset(
+    {"num_ctx", "num_keep", "repeat_last_n", "penalize_newline", "mirostat_tau", "mirostat_eta"}
+)
+SAMPLING_OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed"}
+EXTEND_OPTIONS = {"selfextend_group": "group", "selfextend_window": "window", "selfextend_schedule": "schedule"}
+
+
+def ollama_naming() -> Naming:
+    """Settings as an Ollama request names them: options.temperature, options.selfextend_group."""
+    names = {value: f"options.{key}" for key, value in {**SAMPLING_OPTIONS, **EXTEND_OPTIONS}.items()}
+    names.update(max_tokens="options.num_predict", stop="options.stop", grammar="format", response_format="format")
+    return Naming({**http_naming("messages").names, **names, "input": "messages"})
+
+
+class OllamaMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: str
+    content: str = ""
+    images: list | None = None
+    tool_calls: list | None = None
+    thinking: str | None = None
+    tool_name: str | None = None
+
+
+class OllamaRequest(BaseModel):
+    """What /api/chat and /api/generate share."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str | None = None
+    stream: bool = True
+    format: str | dict | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    truncate: bool | None = None
+
+    known: ClassVar[frozenset[str]] = frozenset()
+
+    def refuse_unsupported(self) -> None:
+        for key in self.model_extra or {}:
+            raise APIError(400, f"unrecognised field {key!r}", param=key)
+        if self.think:
+            raise APIError(400, "think is not supported: this server's models do not think aloud", param="think")
+        if self.logprobs:
+            raise APIError(400, "logprobs are not supported by this server; leave them out", param="logprobs")
+
+
+class ChatBody(OllamaRequest):
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.tools:
+            raise APIError(400, "tools are not supported by this server; leave them out", param="tools")
+        for i, message in enumerate(self.messages):
+            if message.images:
+                raise APIError(400, f"messages[{i}] has images; this server reads text only", param="messages")
+
+
+class GenerateBody(OllamaRequest):
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool = False
+    images: list | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.images:
+            raise APIError(400, "images are not supported: this server reads text only", param="images")
+        if self.suffix:
+            raise APIError(400, "suffix (fill in the middle) is not supported by this server", param="suffix")
+        if self.template:
+            raise APIError(400, "template is not supported: the GGUF's own chat template is used", param="template")
+
+
+# -- from a body to settings ------------------------------------------------------------------------
+
+
+def served_name(server: Server) -> str:
+    return f"{server.model_id}:latest"
+
+
+def check_model(body: OllamaRequest, server: Server) -> None:
+    """Ollama's answer to a model that is not served: 404, model 'NAME' not found."""
+    if not body.model:
+        raise APIError(400, "model is required", param="model")
+    if body.model not in (server.model_id, served_name(server)):
+        raise APIError(404, f"model '{body.model}' not found", param="model", code="model_not_found")
+
+
+def split_options(options: dict[str, Any], server: Server) -> tuple[dict, dict]:
+    """The sampling fields and SelfExtend fields the options give; the others refused by name."""
+    sampling, extend = {}, {}
+    for key, value in options.items():
+        if key in SAMPLING_OPTIONS:
+            sampling[SAMPLING_OPTIONS[key]] = value
+        elif key in EXTEND_OPTIONS:
+            extend[EXTEND_OPTIONS[key]] = value
+        elif key == "num_predict":
+            sampling["max_tokens"] = value if value > 0 else server.limits.max_tokens  # -1, -2: as long as allowed
+        elif key == "stop":
+            sampling["stop"] = tuple([value] if isinstance(value, str) else value)
+        elif key in NEUTRAL_OPTIONS:
+            if value not in NEUTRAL_OPTIONS[key]:
+                raise APIError(400, f"options.{key} is not supported by this server; leave it out", param=key)
+        elif key not in RUNNER_OPTIONS | IGNORED_OPTIONS:
+            raise APIError(400, f"unrecognised option {key!r}", param=f"options.{key}")
+    return sampling, extend
+
+
+def structure_of(form: str | dict | None) -> Structure | None:
+    if form in (None, ""):
+        return None
+    if form == "json":
+        return json_structure()
+    if isinstance(form, dict):
+        return schema_structure(form)
+    raise APIError(400, 'format must be "json" or a JSON schema', param="format")
+
+
+def settings_for(body: OllamaRequest, server: Server):
+    """The request's SelfExtend and sampling settings, worded in its own terms when refused."""
+    try:
+        sampling, extend = split_options(body.options or {}, server)
+        return replace(server.extend, **extend), sampling_for(sampling, structure_of(body.format), server)
+    except SelfExtendError as exc:
+        raise APIError.of(exc, ollama_naming()) from None
+
+
+# -- the replies ------------------------------------------------------------------------------------
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def stats(last: Chunk | None, total: float, served: dict) -> dict:
+    """The closing fields of a reply: durations in nanoseconds, counts, the reason, and our setting."""
+    if last is None:
+        return {"done": True, "done_reason": "stop", "total_duration": int(total * 1e9), "selfextend": served}
+    return {
+        "done": True,
+        "done_reason": "length" if last.finish_reason == "length" else "stop",
+        "total_duration": int(total * 1e9),
+        "load_duration": 0,
+        "prompt_eval_count": last.prompt_tokens - last.reused_tokens,
+        "prompt_eval_duration": int(last.prompt_seconds * 1e9),
+        "eval_count": last.generated_tokens,
+        "eval_duration": int(last.generate_seconds * 1e9),
+        "selfextend": served,
+    }
+
+
+async def reply(request: Request, body: OllamaRequest, tokens: list[int], piece, ending):
+    """Serve ``tokens`` and answer as Ollama does: NDJSON lines of ``piece(text)`` and a last one of
+    ``ending(text, generated tokens)`` with the counts (or that one object alone, with ``stream`` false)."""
+    server = server_of(request)
+    extend, sampling = await off_loop(server, settings_for, body, server)
+    call = Call(asyncio.get_running_loop(), ollama_naming())
+    engine_request = call.wire(EngineRequest(tokens, sampling, extend))
+    events = await start_call(server, call, engine_request)
+    served = served_by(engine_request, server.runtime)
+    began = asyncio.get_running_loop().time()
+
+    async def lines():
+        parts, generated, last = [], [], None
+        try:
+            async for last in events:
+                if last.token is not None:
+                    generated.append(last.token)
+                if last.text:
+                    parts.append(last.text)
+                    if body.stream:
+                        yield json.dumps(piece(last.text)) + "\n"
+            closing = ending("" if body.stream else "".join(parts), generated)
+            yield json.dumps({**closing, **stats(last, asyncio.get_running_loop().time() - began, served)}) + "\n"
+        except APIError as exc:
+            yield json.dumps({"error": exc.message}) + "\n"
+
+    if body.stream:
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+    text = "".join([line async for line in lines()])
+    answer = json.loads(text.splitlines()[-1])
+    return JSONResponse(answer, status_code=500 if "error" in answer else 200)
+
+
+# -- the routes -------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.post("/api/chat")
+async def chat(request: Request):
+    body = await parse(request, ChatBody)
+    server = server_of(request)
+    check_model(body, server)
+    name = served_name(server)
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    if not messages:  # Ollama loads the model and says so
+        return {
+            "model": name,
+            "created_at": now(),
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": "load",
+        }
+    tokens = await off_loop(server, chat_tokens, server.model, messages)
+
+    def piece(text: str) -> dict:
+        return {"model": name, "created_at": now(), "message": {"role": "assistant", "content": text}, "done": False}
+
+    def ending(text: str, generated: list[int]) -> dict:
+        return {"model": name, "created_at": now(), "message": {"role": "assistant", "content": text}}
+
+    return await reply(request, body, tokens, piece, ending)
+
+
+@router.post("/api/generate")
+async def generate(request: Request):
+    body = await parse(request, GenerateBody)
+    server = server_of(request)
+    check_model(body, server)
+    name = served_name(server)
+    if not body.prompt and not body.context:
+        return {"model": name, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
+    tokens = list(body.context or []) + await off_loop(server, generate_tokens, server, body)
+
+    def piece(text: str) -> dict:
+        return {"model": name, "created_at": now(), "response": text, "done": False}
+
+    def ending(text: str, generated: list[int]) -> dict:  # context: to continue from, as Ollama gives it
+        return {"model": name, "created_at": now(), "response": text, "context": tokens + generated}
+
+    return await reply(request, body, tokens, piece, ending)
+
+
+def generate_tokens(server: Server, body: GenerateBody) -> list[int]:
+    """The prompt as Ollama gives it: verbatim when raw, else in the model's chat template as a user's
+    message (after ``system``); a prompt after a ``context`` continues it."""
+    if body.raw or body.context:
+        return prompt_tokens(server.model, body.prompt, special=body.raw)
+    messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
+        {"role": "user", "content": body.prompt}
+    ]
+    return chat_tokens(server.model, messages, "prompt")
+
+
+def details(server: Server) -> dict:
+    info = server.model.info
+    size = f"{info.n_params / 1e9:.1f}B" if info.n_params >= 1e9 else f"{info.n_params / 1e6:.0f}M"
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": info.architecture,
+        "families": [info.architecture],
+        "parameter_size": size,
+        "quantization_level": info.quantization,
+    }
+
+
+def card(server: Server) -> dict:
+    stat = server.model.path.stat()
+    digest = hashlib.sha256(f"{server.model.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    modified = dt.datetime.fromtimestamp(stat.st_mtime, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    name = served_name(server)
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": modified,
+        "size": stat.st_size,
+        "digest": digest,
+        "details": details(server),
+    }
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> dict:
+    return {"models": [card(server_of(request))]}
+
+
+@router.get("/api/version")
+async def version() -> dict:
+    return {"version": COMPATIBLE_VERSION, "selfextend_local": __version__}
+
+
+class ShowBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    name: str | None = None  # older clients
+    verbose: bool | None = None
+
+
+@router.post("/api/show")
+async def show(request: Request) -> dict:
+    body = await parse(request, ShowBody)
+    server = server_of(request)
+    check_model(OllamaRequest(model=body.model or body.name), server)
+    info = server.model.info
+    model_info = {
+        "general.architecture": info.architecture,
+        "general.name": info.name,
+        "general.parameter_count": info.n_params,
+        f"{info.architecture}.context_length": info.n_ctx_train,
+        f"{info.architecture}.block_count": info.n_layers,
+        "selfextend.reach": server.serving.cells,
+    }
+    return {
+        "modelfile": f"FROM {server.model.path}\n",
+        "parameters": "",
+        "template": info.chat_template or "",
+        "details": details(server),
+        "model_info": model_info,
+        "capabilities": ["completion"],
+        "modified_at": card(server)["modified_at"],
+    }
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict:
+    server = server_of(request)
+    loaded = {
+        **card(server),
+        "expires_at": "2099-01-01T00:00:00Z",
+        "size_vram": 0,
+        "context_length": server.serving.cells,
+    }
+    return {"models": [loaded]}
