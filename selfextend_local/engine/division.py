@@ -62,7 +62,11 @@ def build_description() -> str:
     from .build import patch_level
 
     version = llama_cpp.__version__
-    fixes = {1: "the seq_div fix", 2: "the seq_div and K-shift fixes"}
+    fixes = {
+        1: "the seq_div fix",
+        2: "the seq_div and K-shift fixes",
+        3: "the seq_div, K-shift and flash-attention fixes",
+    }
     level = patch_level(version)
     if level:
         return f"llama-cpp-python {version} (built by selfextend-local with {fixes.get(level, 'its fixes')})"

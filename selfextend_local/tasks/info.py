@@ -78,6 +78,10 @@ def kv_table(info) -> str:
 
 def describe(model: Model, runtime=None, naming: Naming = CLI) -> str:
     """The model's card, with settings named as ``naming`` names them (flags by default)."""
+    import llama_cpp
+
+    from ..engine.build import fa_kernel
+
     info = model.info
     family = family_for(info)
     reason = info.extendable_reason
@@ -106,6 +110,7 @@ def describe(model: Model, runtime=None, naming: Naming = CLI) -> str:
     if reason is None:
         lines.append(f"llama.cpp:         {division_line(model, runtime)}")
         lines.append(f"quantized K:       {kshift_line(info, naming)}")
+    lines.append(f"quantized KV:      flash attention {fa_kernel(llama_cpp.__version__)}")
     lines += ["", "KV cache types (K and V), and the tokens the available memory holds with each:", kv_table(info)]
     if reason is None:
         lines += [

@@ -1,0 +1,229 @@
+"""Flash attention on a quantized KV cache, stock kernel against ours (patches/0003), side by side in one run.
+
+On the engine (the installed build must carry the patch; GGML_CPU_FA_CONVERT=0 sends quantized K/V back to
+the stock per-row kernel, read at every flash-attention op, so both run in this one process on the same
+weights, alternating):
+- ingestion tok/s of f16, q8_0 and q4_0 at 2k, 4k and 8k tokens without extension, and at 12k under
+  SelfExtend G4 W2048 (f16 takes the same kernel either way: measured once a round, the reference);
+- decode tok/s at 8k (64 greedy tokens after the 8k prompt);
+- with --perplexity, the 12k perplexity under G4 W2048 of q8_0 and q4_0 with each kernel.
+And with llama.cpp's own llama-bench (-fa 1 -ctk T -ctv T), built from the same sdist twice, with patches
+0001-0002 (stock kernel) and with all three (cached in ~/.cache/selfextend-local/fa-bench/KEY):
+prompt tok/s at the same lengths and decode tok/s at a depth of 8k.
+
+    python scripts/bench_fa_kernel.py                         # about an hour on two cores
+    python scripts/bench_fa_kernel.py --lengths 2048,4096 --skip-llama-bench --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from selfextend_local import llama_build
+from selfextend_local.engine.build import TILED_QUANTIZED_FA, patch_level
+from selfextend_local.engine.generate import stream_generate
+from selfextend_local.engine.planning import Plan, align_cells
+from selfextend_local.engine.session import Session
+from selfextend_local.engine.settings import RuntimeSettings, SamplingSettings, default_threads
+from selfextend_local.evaluation.perplexity import token_nlls
+from selfextend_local.locate import load_model
+from selfextend_local.paths import bundled_model
+from selfextend_local.tasks.corpus import long_tokens
+
+TYPES = ("f16", "q8_0", "q4_0")
+EXTENDED = (12288, 4, 2048)  # tokens, G, W
+KERNELS = {"stock": "0", "patched": "1"}
+DECODE_AT, DECODE_TOKENS = 8192, 64
+
+
+def kernel(name: str) -> None:
+    os.environ["GGML_CPU_FA_CONVERT"] = KERNELS[name]
+
+
+def session(model, kv: str, n: int, group: int = 1, window: int = 2048) -> Session:
+    plan = Plan(group, window, "neighbor", "auto", align_cells(n + DECODE_TOKENS), model.info.n_ctx_train, "bench")
+    return Session(model, plan, RuntimeSettings(kv_type=kv))
+
+
+def ingest_rate(model, tokens, kv: str, group: int = 1, window: int = 2048) -> float:
+    with session(model, kv, len(tokens), group, window) as s:
+        start = time.perf_counter()
+        s.ingest(tokens)
+        return len(tokens) / (time.perf_counter() - start)
+
+
+def decode_rates(model, tokens, kv: str) -> dict[str, float]:
+    """Greedy decode after an 8k prompt with each kernel, on one ingestion (the prompt read once)."""
+    out = {}
+    greedy = SamplingSettings(temperature=0, max_tokens=DECODE_TOKENS)
+    with session(model, kv, len(tokens)) as s:
+        kernel("patched")
+        s.ingest(tokens[:-1])
+        for name in KERNELS:
+            kernel(name)
+            chunks = list(stream_generate(s, tokens, greedy))
+            out[name] = chunks[-1].generate_tps
+            s.truncate(len(tokens) - 1)
+    return out
+
+
+def engine_rows(model, lengths: list[int], repeats: int) -> list[dict]:
+    """Best of ``repeats`` rounds, the kernels alternating within each round."""
+    rows: dict[tuple, float] = {}
+    cases = [(n, 1, 2048) for n in lengths] + [EXTENDED]
+    for r in range(repeats):
+        for n, group, window in cases:
+            tokens = long_tokens(model, n)
+            for kv in TYPES:
+                names = ["patched"] if kv == "f16" else list(KERNELS) if r % 2 == 0 else list(reversed(KERNELS))
+                for name in names:
+                    kernel(name)
+                    rate = ingest_rate(model, tokens, kv, group, window)
+                    key = (n, group, kv, name)
+                    rows[key] = max(rows.get(key, 0.0), rate)
+                    print(f"ingest {n} G{group} {kv} {name}: {rate:.1f} tok/s", file=sys.stderr, flush=True)
+        for kv in TYPES:
+            for name, rate in decode_rates(model, long_tokens(model, DECODE_AT), kv).items():
+                key = ("decode", DECODE_AT, kv, name)
+                rows[key] = max(rows.get(key, 0.0), rate)
+    return [{"case": list(k[:3]), "kernel": k[3], "tok_s": round(v, 1)} for k, v in rows.items()]
+
+
+def perplexities(model) -> dict:
+    """12k perplexity under G4 W2048 of each quantized type, with each kernel."""
+    n, group, window = EXTENDED
+    tokens = long_tokens(model, n)
+    out = {}
+    for kv in TYPES[1:]:
+        for name in KERNELS:
+            kernel(name)
+            with session(model, kv, n, group, window) as s:
+                out[f"{kv}/{name}"] = float(np.exp(token_nlls(s, tokens).mean()))
+            print(f"ppl {kv} {name}: {out[f'{kv}/{name}']:.4f}", file=sys.stderr, flush=True)
+    return out
+
+
+# -- llama-bench, stock and patched ---------------------------------------------------------------------
+
+
+def bench_dir() -> Path:
+    digest = hashlib.sha256(llama_build.KNOWN_VERSION.encode())
+    for name, data in llama_build.patches():
+        digest.update(name.encode() + data)
+    return llama_build.cache_root().parent / "fa-bench" / digest.hexdigest()[:16]
+
+
+def build_bench(out: Path, patches: list[tuple[str, bytes]]) -> Path:
+    """llama-bench from the sdist with ``patches`` (cmake, that target only), cached in ``out``."""
+    binary = out / "llama-bench"
+    if binary.exists():
+        return binary
+    with tempfile.TemporaryDirectory(prefix="selfextend-fa-") as tmp:
+        sdist = llama_build.download_sdist(llama_build.KNOWN_VERSION, Path(tmp))
+        source = llama_build.extract(sdist, Path(tmp) / "src")
+        for _, data in patches:
+            subprocess.run(["patch", "-p1", "--forward", "--batch", "--silent"], input=data, cwd=source, check=True)
+        tree, build = source / "vendor" / "llama.cpp", Path(tmp) / "build"
+        flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+        print(f"building llama-bench ({len(patches)} patches) once, cached in {out}", file=sys.stderr)
+        subprocess.run(["cmake", "-S", str(tree), "-B", str(build), *flags], check=True, capture_output=True)
+        jobs = str(os.cpu_count() or 2)
+        subprocess.run(["cmake", "--build", str(build), "-j", jobs, "--target", "llama-bench"], check=True)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(build / "bin" / "llama-bench", binary)
+    return binary
+
+
+def llama_bench(binary: Path, kv: str, args: list[str]) -> float:
+    cmd = [str(binary), "-m", str(bundled_model()), "-fa", "1", "-ctk", kv, "-ctv", kv, "-t", str(default_threads())]
+    done = subprocess.run([*cmd, *args, "-r", "2", "-o", "json"], capture_output=True, text=True, check=True)
+    return float(json.loads(done.stdout)[0]["avg_ts"])
+
+
+def llama_bench_rows(lengths: list[int]) -> list[dict]:
+    everything = llama_build.patches()
+    stock = [p for p in everything if not p[0].startswith("0003")]
+    binaries = {
+        "stock": build_bench(bench_dir() / "stock", stock),
+        "patched": build_bench(bench_dir() / "patched", everything),
+    }
+    rows = []
+    for kv in TYPES:
+        for case, args in [(f"prompt {n}", ["-p", str(n), "-n", "0"]) for n in lengths] + [
+            (f"decode at {DECODE_AT}", ["-p", "0", "-n", str(DECODE_TOKENS), "-d", str(DECODE_AT)])
+        ]:
+            for name, binary in binaries.items():
+                rows.append({"case": case, "kv": kv, "kernel": name, "tok_s": round(llama_bench(binary, kv, args), 1)})
+                print(f"llama-bench {case} {kv} {name}: {rows[-1]['tok_s']}", file=sys.stderr, flush=True)
+    return rows
+
+
+# -- the report ------------------------------------------------------------------------------------------
+
+
+def report(engine: list[dict], bench: list[dict], ppl: dict) -> None:
+    table = {(tuple(r["case"]), r["kernel"]): r["tok_s"] for r in engine}
+    print("\nthe engine (ours), tok/s; ratio to f16 with each kernel")
+    print(f"{'case':<22} {'type':<6} {'stock':>8} {'patched':>8} {'gain':>6} {'stock/f16':>10} {'patched/f16':>12}")
+    for case in dict.fromkeys(tuple(r["case"][:2]) for r in engine):
+        f16 = table.get(((*case, "f16"), "patched"))
+        for kv in TYPES[1:]:
+            stock, ours = table.get(((*case, kv), "stock")), table.get(((*case, kv), "patched"))
+            if stock and ours and f16:
+                label = (
+                    f"{'decode at' if case[0] == 'decode' else 'ingest'} {case[1] if case[0] == 'decode' else case[0]}"
+                )
+                label += f" G{case[1]}" if case[0] != "decode" and case[1] > 1 else ""
+                cells = f"{stock:>8.1f} {ours:>8.1f} {ours / stock:>6.2f} {stock / f16:>10.2f} {ours / f16:>12.2f}"
+                print(f"{label:<22} {kv:<6} {cells}")
+    if bench:
+        by = {(r["case"], r["kv"], r["kernel"]): r["tok_s"] for r in bench}
+        print("\nllama-bench -fa 1 (llama.cpp's own tool), tok/s")
+        for case in dict.fromkeys(r["case"] for r in bench):
+            cells = "  ".join(f"{kv} {by[(case, kv, 'stock')]:.1f} -> {by[(case, kv, 'patched')]:.1f}" for kv in TYPES)
+            print(f"{case:<16} {cells}")
+    if ppl:
+        for kv in TYPES[1:]:
+            stock, ours = ppl[f"{kv}/stock"], ppl[f"{kv}/patched"]
+            change = (ours / stock - 1) * 100
+            print(f"12k perplexity under G4 W2048, {kv}: stock {stock:.4f}, patched {ours:.4f} ({change:+.3f}%)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="2048,4096,8192")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--perplexity", action="store_true")
+    parser.add_argument("--skip-llama-bench", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if patch_level(llama_cpp.__version__) < TILED_QUANTIZED_FA:
+        raise SystemExit(
+            f"llama-cpp-python {llama_cpp.__version__} lacks the patch: run python -m selfextend_local.llama_build"
+        )
+    lengths = [int(n) for n in args.lengths.split(",")]
+    model = load_model()
+    engine = engine_rows(model, lengths, args.repeats)
+    ppl = perplexities(model) if args.perplexity else {}
+    bench = [] if args.skip_llama_bench else llama_bench_rows(lengths)
+    report(engine, bench, ppl)
+    if args.json:
+        setup = {"date": time.strftime("%Y-%m-%d"), "threads": default_threads(), "repeats": args.repeats}
+        args.json.write_text(json.dumps({**setup, "engine": engine, "llama_bench": bench, "perplexity": ppl}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
