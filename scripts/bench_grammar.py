@@ -11,10 +11,12 @@ alternate round by round. Prints A's median speed in each and its ratio to A bes
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 from load_test import decode_speed, stream_once
@@ -65,6 +67,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     proc, url = start_server("--parallel", "2", "--ctx", "2048", quiet=True)
     results: dict[str, list[float]] = {name: [] for name in CONDITIONS}
@@ -81,6 +84,10 @@ def main() -> int:
     for name, speeds in results.items():
         median = statistics.median(speeds)
         print(f"  B {name:<13} {median:7.1f} tok/s  ({len(speeds)} replies)  {median / base:5.2f} of beside plain B")
+    if args.json:
+        medians = {name: round(statistics.median(speeds), 1) for name, speeds in results.items()}
+        figures = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "seconds": args.seconds}
+        args.json.write_text(json.dumps({**figures, "median": medians}, indent=1))
     return 0
 
 

@@ -185,7 +185,9 @@ def render(raw: dict) -> str:
         if note := gpu["machine"].get("note"):
             out += [note, ""]
         out += render_part(gpu, "GPU", "lengths as in the table")
-    out += render_kv(_load(DOCS / "kv.json")) + render_peer(_load(DOCS / "peer.json"))
+    out += render_kv(_load(DOCS / "kv.json")) + render_fa_kernel(_load(DOCS / "fa_kernel.json"))
+    out += render_long_read(_load(DOCS / "long_read.json")) + render_peer(_load(DOCS / "peer.json"))
+    out += render_grammar(_load(DOCS / "grammar.json")) + render_page(_load(DOCS / "page.json"))
     return "\n".join(out)
 
 
@@ -262,6 +264,119 @@ def render_peer(peer: dict | None) -> list[str]:
         f"{n} sequence{'s' if int(n) > 1 else ''}: {v:.1f} tok/s" for n, v in peer["batched_bench"].items()
     )
     return out + ["", f"llama-batched-bench generation (the kernels' ceiling): {speeds}.", ""]
+
+
+def render_fa_kernel(fa: dict | None) -> list[str]:
+    """Flash attention on a quantized cache, stock against patched (`python scripts/bench_fa_kernel.py`)."""
+    if not fa:
+        return []
+    cell = {(tuple(r["case"]), r["kernel"]): r["tok_s"] for r in fa["engine"]}
+    out = [
+        "## Flash attention on a quantized KV cache, stock kernel and ours (CPU)",
+        "",
+        f"Measured by `python scripts/bench_fa_kernel.py --perplexity --json docs/fa_kernel.json` on {fa['date']}, "
+        f"{fa['threads']} threads: ingestion in lockstep (every runner the same 512-token chunks in turn, each "
+        f"chunk's best of {fa['repeats']}), the stock kernel through `GGML_CPU_FA_CONVERT=0` in the same process; "
+        "decode: 64 greedy tokens after an 8k prompt.",
+        "",
+        "| case | f16 | q8_0 stock | q8_0 ours | q8_0 ours / f16 | q4_0 stock | q4_0 ours | q4_0 ours / f16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for case in dict.fromkeys(tuple(r["case"][:2]) for r in fa["engine"]):
+        f16 = cell.get(((*case, "f16"), "patched"))
+        values = [cell.get(((*case, kv), k)) for kv in ("q8_0", "q4_0") for k in ("stock", "patched")]
+        if not f16 or not all(values):
+            continue
+        label = f"decode at {case[1]:,}" if case[0] == "decode" else f"ingest {case[0]:,}"
+        label += f" (G{case[1]} W2048)" if case[0] != "decode" and case[1] > 1 else ""
+        q8s, q8p, q4s, q4p = values
+        out.append(f"| {label} | {f16} | {q8s} | {q8p} | {q8p / f16:.2f} | {q4s} | {q4p} | {q4p / f16:.2f} |")
+    if ppl := fa.get("perplexity"):
+        out += [
+            "",
+            "12k perplexity under G4 W2048: "
+            + "; ".join(
+                f"{kv} stock {ppl[f'{kv}/stock']:.4f}, ours {ppl[f'{kv}/patched']:.4f} "
+                f"({(ppl[f'{kv}/patched'] / ppl[f'{kv}/stock'] - 1) * 100:+.3f}%)"
+                for kv in ("q8_0", "q4_0")
+            )
+            + ".",
+        ]
+    if bench := fa.get("llama_bench"):
+        by = {(r["case"], r["kv"], r["kernel"]): r["tok_s"] for r in bench}
+        out += [
+            "",
+            "llama.cpp's own `llama-bench -fa 1 -ctk T -ctv T`, built from the same sdist with patches "
+            "0001-0002 (stock kernel) and with 0003, tok/s:",
+            "",
+            "| case | f16 | q8_0 stock -> ours | q4_0 stock -> ours |",
+            "|---|---|---|---|",
+        ]
+        for case in dict.fromkeys(r["case"] for r in bench):
+            out.append(
+                f"| {case} | {by[(case, 'f16', 'patched')]} | {by[(case, 'q8_0', 'stock')]} -> "
+                f"{by[(case, 'q8_0', 'patched')]} | {by[(case, 'q4_0', 'stock')]} -> {by[(case, 'q4_0', 'patched')]} |"
+            )
+    return out + [""]
+
+
+def render_long_read(long: dict | None) -> list[str]:
+    """A ~100k-token read with q8_0 and f16 (`python scripts/long_read.py`)."""
+    if not long:
+        return []
+    out = [
+        f"## The long end: {long['results'][0]['tokens']:,} tokens read once (CPU)",
+        "",
+        f"Measured by `python scripts/long_read.py --json docs/long_read.json --plot docs/long_read.png` on "
+        f"{long['date']}: SelfExtend G{long['group']} W{long['window']}, each type in a process of its own.",
+        "",
+        "| cache | wall time | tok/s | perplexity | peak RSS | KV bytes predicted | model file |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in long["results"]:
+        out.append(
+            f"| {r['kv_type']} | {r['seconds'] / 60:.1f} min | {r['tok_s']} | {r['ppl']} | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['predicted_kv_bytes'] / 2**30:.2f} GiB | "
+            f"{r['model_bytes'] / 2**20:.0f} MiB |"
+        )
+    out += ["", "By 8k bucket (tok/s read; perplexity of the bucket's tokens):", "", "```"]
+    for r in long["results"]:
+        out.append(f"{r['kv_type']:5s} tok/s " + " ".join(f"{b['tok_s']:6.1f}" for b in r["tok_s_by_bucket"]))
+        out.append(f"{r['kv_type']:5s} ppl   " + " ".join(f"{b['ppl']:6.2f}" for b in r["ppl_by_bucket"]))
+    return out + ["```", "", "![Reading speed and perplexity by position](long_read.png)", ""]
+
+
+def render_grammar(grammar: dict | None) -> list[str]:
+    """One client's grammar beside another's stream (`python scripts/bench_grammar.py --json ...`)."""
+    if not grammar:
+        return []
+    base = grammar["median"]["plain"]
+    out = [
+        "## One client's grammar, another client's speed (CPU)",
+        "",
+        f"Measured by `python scripts/bench_grammar.py --json docs/grammar.json` on {grammar['date']}: client A's "
+        f"decode tok/s (median) beside client B, {grammar['rounds']} rounds of {grammar['seconds']:.0f} s, "
+        "alternating.",
+        "",
+        "| client B | A's tok/s | of beside plain B |",
+        "|---|---|---|",
+    ]
+    out += [f"| {name} | {v:.1f} | {v / base:.2f} |" for name, v in grammar["median"].items()]
+    return out + [""]
+
+
+def render_page(page: dict | None) -> list[str]:
+    if not page:
+        return []
+    return [
+        "## Reading through the page (CPU)",
+        "",
+        f"Measured by `python scripts/bench_page.py --json docs/page.json` on {page['date']}: the same "
+        f"{page['tokens']:,}-token document read by `qa` ({page['qa']:.1f} tok/s) and through the page's API "
+        f"({page['page']:.1f} tok/s): {page['page'] / page['qa']:.3f} of qa's speed, best of {page['rounds']} rounds, "
+        "alternating.",
+        "",
+    ]
 
 
 def render_part(raw: dict, where: str, lengths: str) -> list[str]:

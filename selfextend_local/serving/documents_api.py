@@ -36,7 +36,7 @@ from ..engine.slots import Held
 from ..engine.slots import Request as EngineRequest
 from ..tasks.documents import MAX_FILE_BYTES
 from ..tasks.qa import QUESTION_BUDGET, DocumentCache, Pieces, document_prompt, question_tokens
-from .http import APIError, Server, http_naming, off_loop, server_of
+from .http import APIError, Server, http_naming, off_loop, read_body, server_of
 from .library import Stored
 
 ROOM = QUESTION_BUDGET + SamplingSettings.max_tokens  # a question and its answer after the document, as qa
@@ -247,22 +247,10 @@ def documents_of(request: Request) -> Documents:
 router = APIRouter()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the document is over {limit >> 20} MiB", code="body_too_large")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise APIError(413, f"the document is over {limit >> 20} MiB", code="body_too_large")
-    return bytes(body)
-
-
 @router.post("/v1/documents")
 async def upload(request: Request, name: str = "document.txt") -> dict:
     server = server_of(request)
-    data = await _read_body(request, MAX_FILE_BYTES)
+    data = await read_body(request, MAX_FILE_BYTES, "the document")
     kind = request.headers.get("content-type", "")
     try:
         card, _ = await off_loop(server, server.library.add, data, name, kind)

@@ -111,16 +111,23 @@ async def off_loop(server: Server, work: Callable, *args):
 # -- bodies -----------------------------------------------------------------------------------------
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, at most ``limit`` bytes (413 beyond), else a 400 that says why."""
+async def read_body(request: Request, limit: int, what: str = "request body") -> bytes:
+    """The body, at most ``limit`` bytes: a 413 as soon as it says or shows it is larger."""
     declared = request.headers.get("content-length")
+    too_large = APIError(413, f"{what} is over {limit:,} bytes", code="body_too_large")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+        raise too_large
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > limit:
-            raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+            raise too_large
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, at most ``limit`` bytes (413 beyond), else a 400 that says why."""
+    body = await read_body(request, limit)
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
