@@ -13,6 +13,7 @@ prompt tok/s at the same lengths and decode tok/s at a depth of 8k.
 
     python scripts/bench_fa_kernel.py                         # about an hour on two cores
     python scripts/bench_fa_kernel.py --lengths 2048,4096 --skip-llama-bench --repeats 1
+    python scripts/bench_fa_kernel.py --bench-lengths 2048,4096 --bench-depth 4096 --json docs/fa_kernel.json
 """
 
 from __future__ import annotations
@@ -170,11 +171,13 @@ def build_bench(out: Path, patches: list[tuple[str, bytes]]) -> Path:
 
 def llama_bench(binary: Path, kv: str, args: list[str]) -> float:
     cmd = [str(binary), "-m", str(bundled_model()), "-fa", "1", "-ctk", kv, "-ctv", kv, "-t", str(default_threads())]
-    done = subprocess.run([*cmd, *args, "-r", "2", "-o", "json"], capture_output=True, text=True, check=True)
+    # No warm-up pass: it would read every prompt a third time; the model is already in the page cache.
+    cmd += [*args, "-r", "2", "--no-warmup", "-o", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(json.loads(done.stdout)[0]["avg_ts"])
 
 
-def llama_bench_rows(lengths: list[int]) -> list[dict]:
+def llama_bench_rows(lengths: list[int], depth: int) -> list[dict]:
     everything = llama_build.patches()
     stock = [p for p in everything if not p[0].startswith("0003")]
     binaries = {
@@ -184,7 +187,7 @@ def llama_bench_rows(lengths: list[int]) -> list[dict]:
     rows = []
     for kv in TYPES:
         for case, args in [(f"prompt {n}", ["-p", str(n), "-n", "0"]) for n in lengths] + [
-            (f"decode at {DECODE_AT}", ["-p", "0", "-n", str(DECODE_TOKENS), "-d", str(DECODE_AT)])
+            (f"decode at {depth}", ["-p", "0", "-n", str(DECODE_TOKENS), "-d", str(depth)])
         ]:
             for name, binary in binaries.items():
                 rows.append({"case": case, "kv": kv, "kernel": name, "tok_s": round(llama_bench(binary, kv, args), 1)})
@@ -229,6 +232,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--perplexity", action="store_true")
     parser.add_argument("--skip-llama-bench", action="store_true")
+    parser.add_argument("--bench-lengths", default=None, help="llama-bench's prompt lengths (default: --lengths)")
+    parser.add_argument("--bench-depth", type=int, default=DECODE_AT, help="llama-bench's decode depth")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if patch_level(llama_cpp.__version__) < TILED_QUANTIZED_FA:
@@ -236,14 +241,26 @@ def main() -> int:
             f"llama-cpp-python {llama_cpp.__version__} lacks the patch: run python -m selfextend_local.llama_build"
         )
     lengths = [int(n) for n in args.lengths.split(",")]
+    bench_lengths = [int(n) for n in (args.bench_lengths or args.lengths).split(",")]
+    command = "python scripts/bench_fa_kernel.py " + " ".join(sys.argv[1:])
+    setup = {"date": time.strftime("%Y-%m-%d"), "command": command.strip(), "threads": default_threads()}
+    setup |= {"repeats": args.repeats, "llama_cpp": llama_cpp.__version__}
+    figures = {**setup, "engine": [], "llama_bench": [], "perplexity": {}}
+
+    def keep() -> None:  # after each part, so a long run stopped early keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=1))
+
     model = load_model()
-    engine = engine_rows(model, lengths, args.repeats)
-    ppl = perplexities(model) if args.perplexity else {}
-    bench = [] if args.skip_llama_bench else llama_bench_rows(lengths)
-    report(engine, bench, ppl)
-    if args.json:
-        setup = {"date": time.strftime("%Y-%m-%d"), "threads": default_threads(), "repeats": args.repeats}
-        args.json.write_text(json.dumps({**setup, "engine": engine, "llama_bench": bench, "perplexity": ppl}, indent=1))
+    figures["engine"] = engine_rows(model, lengths, args.repeats)
+    keep()
+    if args.perplexity:
+        figures["perplexity"] = perplexities(model)
+        keep()
+    if not args.skip_llama_bench:
+        figures["llama_bench"] = llama_bench_rows(bench_lengths, args.bench_depth)
+        keep()
+    report(figures["engine"], figures["llama_bench"], figures["perplexity"])
     return 0
 
 

@@ -274,7 +274,7 @@ def render_fa_kernel(fa: dict | None) -> list[str]:
     out = [
         "## Flash attention on a quantized KV cache, stock kernel and ours (CPU)",
         "",
-        f"Measured by `python scripts/bench_fa_kernel.py --perplexity --json docs/fa_kernel.json` on {fa['date']}, "
+        f"Measured by `{fa.get('command', 'python scripts/bench_fa_kernel.py')}` on {fa['date']}, "
         f"{fa['threads']} threads: ingestion in lockstep (every runner the same 512-token chunks in turn, each "
         f"chunk's best of {fa['repeats']}), the stock kernel through `GGML_CPU_FA_CONVERT=0` in the same process; "
         "decode: 64 greedy tokens after an 8k prompt.",

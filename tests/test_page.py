@@ -86,10 +86,11 @@ def test_read_a_long_document_ask_and_reopen_it(browser, tmp_path):
         first = page.eval_on_selector("#doc-progress", "bar => bar.value")
 
         send(other, "Name three colours.")  # a chat in a second tab while the document is read
-        assert wait_answer(other, 1).strip()
-        page.screenshot(path=str(shots / "page-reading.png"))
+        other.wait_for_function("document.querySelector('#messages li.assistant .text')?.textContent.length > 0")
         still = page.eval_on_selector("#doc-progress", "bar => [bar.value, bar.max]")
-        assert still[0] < still[1], "the chat waited for the whole reading"
+        assert still[0] < still[1], "the chat's first words waited for the whole reading"
+        page.screenshot(path=str(shots / "page-reading.png"))
+        assert wait_answer(other, 1).strip()
 
         page.wait_for_function(
             "document.getElementById('doc-status').textContent.startsWith('Read in')", timeout=600_000
