@@ -1,7 +1,7 @@
 """What each KV cache type costs in quality on the bundled model, with and without SelfExtend: perplexity at
 4k tokens with no extension (the type's own cost) and at 12k under G4 W2048 (beside what grouping and the
-K-shifts of its keys add), against f16's, with this build's kernel. Writes --json (what `info` and the
-README quote).
+K-shifts of its keys add), against f16's, with this build's kernel (GGML_CPU_FA_CONVERT=0: the stock
+flash-attention kernel on our build). Writes --json (what `info` and the README quote).
 
     python scripts/kv_quality.py --json docs/kv_quality.json       # about ten minutes on two cores
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,12 +45,15 @@ def main() -> int:
         for kv in args.types.split(","):
             table.setdefault(kv, {})[case] = round(perplexity(model, kv, n, group, window), 4)
             print(f"{case}, {kv}: {table[kv][case]}", file=sys.stderr, flush=True)
+    base = table.get("f16")  # the ratios need f16 among --types
     print(f"\n{'type':<8}" + "".join(f"{case:>28}" for case in CASES))
     for kv, row in table.items():
-        cells = "".join(f"{row[c]:>18.4f} ({row[c] / table['f16'][c] - 1:+7.2%})" for c in CASES)
+        cells = "".join(f"{row[c]:>18.4f} ({row[c] / base[c] - 1 if base else 0:+7.2%})" for c in CASES)
         print(f"{kv:<8}{cells}")
     if args.json:
-        figures = {"date": time.strftime("%Y-%m-%d"), "llama_cpp": llama_cpp.__version__, "perplexity": table}
+        kernel = "stock" if os.environ.get("GGML_CPU_FA_CONVERT") == "0" else "this build's"
+        figures = {"date": time.strftime("%Y-%m-%d"), "llama_cpp": llama_cpp.__version__, "kernel": kernel}
+        figures["perplexity"] = table
         args.json.write_text(json.dumps(figures, indent=1))
     return 0
 

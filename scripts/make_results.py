@@ -185,7 +185,8 @@ def render(raw: dict) -> str:
         if note := gpu["machine"].get("note"):
             out += [note, ""]
         out += render_part(gpu, "GPU", "lengths as in the table")
-    out += render_kv(_load(DOCS / "kv.json")) + render_fa_kernel(_load(DOCS / "fa_kernel.json"))
+    out += render_kv(_load(DOCS / "kv.json")) + render_kv_quality(_load(DOCS / "kv_quality.json"))
+    out += render_fa_kernel(_load(DOCS / "fa_kernel.json")) + render_fa_kl(_load(DOCS / "fa_kernel_kl.json"))
     out += render_long_read(_load(DOCS / "long_read.json")) + render_peer(_load(DOCS / "peer.json"))
     out += render_grammar(_load(DOCS / "grammar.json")) + render_page(_load(DOCS / "page.json"))
     return "\n".join(out)
@@ -264,6 +265,54 @@ def render_peer(peer: dict | None) -> list[str]:
         f"{n} sequence{'s' if int(n) > 1 else ''}: {v:.1f} tok/s" for n, v in peer["batched_bench"].items()
     )
     return out + ["", f"llama-batched-bench generation (the kernels' ceiling): {speeds}.", ""]
+
+
+def render_kv_quality(quality: dict | None) -> list[str]:
+    """What each cache type costs in perplexity, with and without SelfExtend (`python scripts/kv_quality.py`)."""
+    if not quality:
+        return []
+    table = quality["perplexity"]
+    cases = list(table["f16"])
+    out = [
+        "## What each KV cache type costs in quality (CPU)",
+        "",
+        f"Measured by `{quality.get('command', 'python scripts/kv_quality.py')}` on {quality['date']}, "
+        f"llama-cpp-python {quality['llama_cpp']}: perplexity of the pydoc text, against f16's.",
+        "",
+        "| cache | " + " | ".join(cases) + " |",
+        "|---|" + "---|" * len(cases),
+    ]
+    for kv, row in table.items():
+        cells = " | ".join(f"{row[c]:.4f} ({row[c] / table['f16'][c] - 1:+.2%})" for c in cases)
+        out.append(f"| {kv} | {cells} |")
+    if stock := quality.get("stock_kernel"):
+        out += ["", f"With the stock flash-attention kernel (`{stock['command']}`):", ""]
+        for kv, row in stock["perplexity"].items():
+            ours = table.get(kv, {})
+            out += [
+                f"- {kv}: "
+                + "; ".join(f"{c} {row[c]:.4f} (ours {ours[c]:.4f}, {ours[c] / row[c] - 1:+.3%})" for c in row)
+            ]
+    return out + [""]
+
+
+def render_fa_kl(kl: dict | None) -> list[str]:
+    """Our kernel's next-token logits against the stock kernel's (`python scripts/fa_kernel_kl.py`)."""
+    if not kl:
+        return []
+    out = [
+        "Next-token logits of our kernel against the stock kernel's on the same cache (every cached token "
+        f"written by the stock kernel; {kl['positions']} positions after {kl['cache']:,} cached tokens; mean KL), "
+        "beside llama.cpp's own floor (its decode against its prefill's first row, stock kernel), measured by "
+        f"`python scripts/fa_kernel_kl.py --json docs/fa_kernel_kl.json` on {kl['date']}:",
+        "",
+        "| weights | cache | decode | prefill | floor |",
+        "|---|---|---|---|---|",
+    ]
+    for weights, rows in kl["mean_kl"].items():
+        for kv, got in rows.items():
+            out.append(f"| {weights} | {kv} | {got['decode']:.1e} | {got['prefill']:.1e} | {got['floor']:.1e} |")
+    return out + [""]
 
 
 def render_fa_kernel(fa: dict | None) -> list[str]:

@@ -46,6 +46,8 @@ def test_info_shows_model_card_and_reach_table(run):
     assert "quantization:      Q4_1" in result.stdout
     assert "--group 4 --window 2048" in result.stdout
     assert " 2048  14,336  26,624  51,200" in result.stdout
+    q8_0 = next(line for line in result.stdout.splitlines() if line.strip().startswith("q8_0"))
+    assert "+0.05% / +0.13%" in q8_0 and "-: not measured" in result.stdout  # what each type costs, said where chosen
 
 
 def test_generate_streams_the_greedy_answer(run):

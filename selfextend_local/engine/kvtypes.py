@@ -45,3 +45,24 @@ KV_TYPES = {
         KVType("iq4_nl", 20, 32, 18),
     )
 }
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a cache type cost on the bundled model (SmolLM2-135M-Instruct Q4_1, two CPU threads): perplexity
+    above f16's (a fraction) at 4k tokens without extension (the type's own cost) and at 12k under G4 W2048
+    (`scripts/kv_quality.py`); prompt speed against f16's at 12k under G4 with llama.cpp's stock kernel and
+    with ours (`scripts/bench_fa_kernel.py`). Other models and machines differ; these say which way and how
+    far, so the choice is made knowing."""
+
+    ppl_4k: float
+    ppl_12k: float
+    speed_stock: float
+    speed_ours: float
+
+
+COSTS = {  # measured 2026-12-05; see docs/RESULTS.md
+    "f16": Cost(0.0, 0.0, 1.0, 1.0),
+    "q8_0": Cost(0.0005, 0.0013, 0.36, 1.16),
+    "q4_0": Cost(0.0727, 0.1056, 0.19, 1.07),
+}

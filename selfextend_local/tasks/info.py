@@ -67,13 +67,29 @@ def kv_table(info) -> str:
     from ..engine.settings import KV_TYPES
 
     have = available_memory()
-    rows = [["type", "bytes/token", "of f16", f"tokens in {human_size(HEADROOM * have) if have else '?'}"]]
+    room = f"tokens in {human_size(HEADROOM * have) if have else '?'}"
+    rows = [["type", "bytes/token", "of f16", room, "perplexity 4k / 12k G4", "prompt speed 12k G4"]]
     f16 = kv_bytes_per_cell(info, "f16")
     for kind in KV_TYPES:
         per = kv_bytes_per_cell(info, kind)
         tokens = f"{int(HEADROOM * have) // per:,}" if have else "?"
-        rows.append([kind, f"{per:,}", f"{per / f16:.2f}", tokens])
-    return format_table(rows)
+        rows.append([kind, f"{per:,}", f"{per / f16:.2f}", tokens, *_cost(kind)])
+    note = "perplexity and prompt speed against f16's, measured on SmolLM2-135M-Instruct (docs/RESULTS.md); "
+    note += "-: not measured"
+    return format_table(rows) + "\n" + note
+
+
+def _cost(kind: str) -> list[str]:
+    import llama_cpp
+
+    from ..engine.build import TILED_QUANTIZED_FA, patch_level
+    from ..engine.kvtypes import COSTS
+
+    cost = COSTS.get(kind)
+    if cost is None:
+        return ["-", "-"]
+    ours = patch_level(llama_cpp.__version__) >= TILED_QUANTIZED_FA
+    return [f"{cost.ppl_4k:+.2%} / {cost.ppl_12k:+.2%}", f"{cost.speed_ours if ours else cost.speed_stock:.2f}x"]
 
 
 def describe(model: Model, runtime=None, naming: Naming = CLI) -> str:
