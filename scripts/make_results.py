@@ -376,7 +376,8 @@ def render_long_read(long: dict | None) -> list[str]:
     out = [
         f"## The long end: {long['results'][0]['tokens']:,} tokens read once (CPU)",
         "",
-        f"Measured by `python scripts/long_read.py --json docs/long_read.json --plot docs/long_read.png` on "
+        f"Measured by `python scripts/long_read.py --tokens {long['results'][0]['tokens']} --json docs/long_read.json "
+        "--plot docs/long_read.png` on "
         f"{long['date']}: SelfExtend G{long['group']} W{long['window']}, each type in a process of its own.",
         "",
         "| cache | wall time | tok/s | perplexity | peak RSS | KV bytes predicted | model file |",
