@@ -424,7 +424,12 @@ def render_page(page: dict | None) -> list[str]:
         f"Measured by `python scripts/bench_page.py --json docs/page.json` on {page['date']}: the same "
         f"{page['tokens']:,}-token document read by `qa` ({page['qa']:.1f} tok/s) and through the page's API "
         f"({page['page']:.1f} tok/s): {page['page'] / page['qa']:.3f} of qa's speed, best of {page['rounds']} rounds, "
-        "alternating.",
+        "alternating."
+        + (
+            f" Other runs of the same script: {', '.join(f'{r:.3f}' for r in page['other_runs'])}."
+            if page.get("other_runs")
+            else ""
+        ),
         "",
     ]
 
