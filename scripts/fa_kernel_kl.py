@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from selfextend_local.engine.metrics import kl_divergence
 from selfextend_local.engine.planning import Plan, align_cells
 from selfextend_local.engine.session import Session
 from selfextend_local.engine.settings import RuntimeSettings
@@ -34,12 +35,7 @@ CACHE, BATCH = 1200, 64
 
 
 def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64) - x.max()
-        return x - np.log(np.exp(x).sum())
-
-    p, q = log_softmax(p_logits), log_softmax(q_logits)
-    return float((np.exp(p) * (p - q)).sum())
+    return float(kl_divergence(p_logits, q_logits))
 
 
 def first_logits(session: Session, tokens: list[int], kernel: str) -> np.ndarray:
