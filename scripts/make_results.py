@@ -189,6 +189,7 @@ def render(raw: dict) -> str:
     out += render_fa_kernel(_load(DOCS / "fa_kernel.json")) + render_fa_kl(_load(DOCS / "fa_kernel_kl.json"))
     out += render_long_read(_load(DOCS / "long_read.json")) + render_peer(_load(DOCS / "peer.json"))
     out += render_grammar(_load(DOCS / "grammar.json")) + render_page(_load(DOCS / "page.json"))
+    out += render_kshift(_load(DOCS / "kshift.json"))
     return "\n".join(out)
 
 
@@ -432,6 +433,39 @@ def render_page(page: dict | None) -> list[str]:
         ),
         "",
     ]
+
+
+def render_kshift(kshift: dict | None) -> list[str]:
+    """The K-shift of the moved cells against every cell's (`python scripts/bench_kshift.py --json ...`)."""
+    if not kshift:
+        return []
+    out = [
+        "## A K-shift of the moved cells only (CPU)",
+        "",
+        f"Measured by `python scripts/bench_kshift.py --json docs/kshift.json` on {kshift['date']}, one process, "
+        "alternating (LLAMA_KV_SHIFT_ALL_CELLS=1 gives llama.cpp's K-shift of every cell on our build). One "
+        "K-shift of 1,024 cells, added to a one-token decode (ms, median), by slots x cells a slot:",
+        "",
+        "| cache | shape | every cell | moved cells |",
+        "|---|---|---|---|",
+    ]
+    for kv_type, f in kshift["types"].items():
+        for shape, ms in f["one_shift_ms"].items():
+            out.append(f"| {kv_type} | {shape} | {ms['every cell']:.1f} | {ms['moved cells']:.1f} |")
+    if kshift["rounds"]:
+        out += [
+            "",
+            f"A {kshift['tokens']:,}-token document read under G4 W2048 into one slot of the server's shape "
+            f"(tok/s, best of {kshift['rounds']}; every run in brackets):",
+            "",
+            "| cache | every cell | moved cells | ratio |",
+            "|---|---|---|---|",
+        ]
+        for kv_type, f in kshift["types"].items():
+            every, moved = f["reading_tok_s"]["every cell"], f["reading_tok_s"]["moved cells"]
+            runs = [f"{max(r):.1f} ({', '.join(f'{x:.1f}' for x in r)})" for r in (every, moved)]
+            out.append(f"| {kv_type} | {runs[0]} | {runs[1]} | {max(moved) / max(every):.2f} |")
+    return out + [""]
 
 
 def render_part(raw: dict, where: str, lengths: str) -> list[str]:

@@ -30,12 +30,13 @@ def load_for_cli(model_spec, runtime, verbose_flag: bool):
 def describe_session(session) -> None:
     import llama_cpp
 
-    from ..engine.build import fa_kernel
+    from ..engine.build import fa_kernel, kshift_kind
     from ..engine.kvtypes import KV_TYPES
 
     note(f"plan: {session.plan.describe()}")
     if session.divider:
         note(f"division: {session.divider.name} ({session.divider.reason})")
+        note(f"K-shift: rotates {kshift_kind(llama_cpp.__version__)}")
     kind = session.runtime.kv_type
     if KV_TYPES[kind].quantized or kind == "bf16":
         note(f"{kind} KV cache: flash attention {fa_kernel(llama_cpp.__version__)}")

@@ -4,13 +4,15 @@ is installed."""
 
 from __future__ import annotations
 
-LABEL = "selfextend.3"  # the local version label of our builds; bump when the patches change
+LABEL = "selfextend.4"  # the local version label of our builds; bump when the patches change
 TILED_QUANTIZED_FA = 3  # the level whose flash attention reads a quantized KV cache in tiles
+KSHIFT_MOVED_CELLS = 4  # the level whose K-shift rotates only the cells that moved
 
 
 def patch_level(version: str) -> int:
     """Which of our patch sets a build carries: 0 for a stock build, 1 for the seq_div fix alone, 2 with the
-    quantized K-shift fix too, 3 with flash attention on a quantized KV cache at F16's speed too."""
+    quantized K-shift fix too, 3 with flash attention on a quantized KV cache at F16's speed too, 4 with a
+    K-shift that rotates only the cells that moved too."""
     _, _, label = version.partition("+selfextend.")
     return int(label) if label.isdigit() else 0
 
@@ -21,3 +23,10 @@ def fa_kernel(version: str) -> str:
     if patch_level(version) >= TILED_QUANTIZED_FA:
         return "tiled, as f16 (our fix): quantized KV caches read prompts at f16's speed"
     return "row by row (stock): a quantized KV cache reads prompts at 0.2-0.45x of f16's speed"
+
+
+def kshift_kind(version: str) -> str:
+    """What one K-shift (each SelfExtend grouping step) costs with this build."""
+    if patch_level(version) >= KSHIFT_MOVED_CELLS:
+        return "the cells that moved (our fix)"
+    return "every cell of every sequence's cache (stock): a server's grouping steps cost more the more slots it has"

@@ -66,6 +66,7 @@ def build_description() -> str:
         1: "the seq_div fix",
         2: "the seq_div and K-shift fixes",
         3: "the seq_div, K-shift and flash-attention fixes",
+        4: "the seq_div, K-shift, flash-attention and moved-cells K-shift fixes",
     }
     level = patch_level(version)
     if level:

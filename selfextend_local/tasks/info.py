@@ -96,7 +96,7 @@ def describe(model: Model, runtime=None, naming: Naming = CLI) -> str:
     """The model's card, with settings named as ``naming`` names them (flags by default)."""
     import llama_cpp
 
-    from ..engine.build import fa_kernel
+    from ..engine.build import fa_kernel, kshift_kind
 
     info = model.info
     family = family_for(info)
@@ -126,6 +126,7 @@ def describe(model: Model, runtime=None, naming: Naming = CLI) -> str:
     if reason is None:
         lines.append(f"llama.cpp:         {division_line(model, runtime)}")
         lines.append(f"quantized K:       {kshift_line(info, naming)}")
+        lines.append(f"K-shift rotates:   {kshift_kind(llama_cpp.__version__)}")
     lines.append(f"quantized KV:      flash attention {fa_kernel(llama_cpp.__version__)}")
     lines += ["", "KV cache types (K and V), and the tokens the available memory holds with each:", kv_table(info)]
     if reason is None:
