@@ -31,14 +31,17 @@ def start(extra: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 def stream_once(client: httpx.Client, url: str, max_tokens: int, prompt: str) -> dict:
-    """One streamed chat request: arrival time of each content chunk."""
+    """One streamed chat request: arrival time of each chunk with text, and the tokens generated (the
+    usage's count: a chunk is not a token, e.g. llama-server's first chunk carries the role alone)."""
     start = time.perf_counter()
     times = []
+    generated = None
     body = {
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
@@ -47,9 +50,12 @@ def stream_once(client: httpx.Client, url: str, max_tokens: int, prompt: str) ->
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             event = json.loads(line[5:])
-            if event["choices"] and event["choices"][0].get("finish_reason") is None:
+            if event.get("usage"):
+                generated = event["usage"]["completion_tokens"]
+            if event["choices"] and event["choices"][0]["delta"].get("content"):
                 times.append(time.perf_counter())
-    return {"status": 200, "start": start, "times": times, "end": time.perf_counter()}
+    tokens = len(times) if generated is None else generated
+    return {"status": 200, "start": start, "times": times, "tokens": tokens, "end": time.perf_counter()}
 
 
 def decode_speed(times: list[float]) -> float:
@@ -86,7 +92,7 @@ def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
         t.join()
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200 and r["times"]]
-    tokens = sum(len(r["times"]) for r in ok)
+    tokens = sum(r["tokens"] for r in ok)
     ttft = [r["times"][0] - r["start"] for r in ok]
     total = [r["end"] - r["start"] for r in ok]
     return {
