@@ -249,7 +249,7 @@ def render_peer(peer: dict | None) -> list[str]:
         f"`serve --parallel {peer['parallel']}` against `llama-server -np {peer['parallel']}` built from the same "
         f"patched llama.cpp, {peer['threads']} threads, the same streaming chat load ({peer['max_tokens']} tokens, "
         f"greedy, {peer['seconds']:.0f} s a cell), best of {peer['repeats']} runs with the two servers "
-        "alternating.",
+        "alternating; tokens as each reply's usage counts them, TTFT to the first chunk with text.",
         "",
         "| clients | ours tok/s | llama-server tok/s | ours / llama-server | ours TTFT p50 / p99 | "
         "llama-server TTFT p50 / p99 |",
