@@ -26,7 +26,7 @@ def fa_kernel(version: str) -> str:
 
 
 def kshift_kind(version: str) -> str:
-    """What one K-shift (each SelfExtend grouping step) costs with this build."""
+    """Which cells one K-shift (at each SelfExtend grouping step) rotates with this build."""
     if patch_level(version) >= KSHIFT_MOVED_CELLS:
         return "the cells that moved (our fix)"
     return "every cell of every sequence's cache (stock): a server's grouping steps cost more the more slots it has"
