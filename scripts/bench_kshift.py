@@ -6,8 +6,8 @@ longest request, so the cost of a step grows with the slots and their size, not 
 rotates only the cells that moved; LLAMA_KV_SHIFT_ALL_CELLS=1 (read at every K-shift) gives llama.cpp's own,
 so both run in this one process on the same weights, alternating.
 
-1. One K-shift: after 2,048 cached tokens, a one-token decode following a shift of 1,024 cells, minus one
-   without, median of --repeats; in the server's shape (``serve``'s default: 4 slots of the cells the model
+1. One K-shift: after 2,048 cached tokens, a one-token decode following a move of the last 1,024
+   cells by one position (on, then back at the next), minus one without, median of --repeats; in the server's shape (``serve``'s default: 4 slots of the cells the model
    family's setting reaches) and in one stream sized for a 10k-token document (as ``qa`` reads it).
 2. A reading: a ~10k-token document read under G4 W2048 into one slot of the server's shape, as the page
    reads it (held for a question after it), with each K-shift; best of --rounds, every run listed.
@@ -63,16 +63,19 @@ def one_shift(model: Model, runtime: RuntimeSettings, cells: int, slots: int, re
         for start in range(0, 2048, 512):
             context.decode([Span(tokens[start : start + 512], start, 0, "none")])
         spent: dict[str, list[float]] = {"plain": [], **{way: [] for way in WAYS}}
+        step = 1
         for r in range(repeats):
             for way in ("plain", *WAYS) if r % 2 == 0 else (*WAYS[::-1], "plain"):
                 with shifting(way):
-                    if way != "plain":  # there and back: the positions stay, a K-shift is pending
-                        llama_cpp.llama_memory_seq_add(context.mem, 0, 0, 1024, 1)
-                        llama_cpp.llama_memory_seq_add(context.mem, 0, 0, 1024, -1)
+                    if way != "plain":  # the last 1,024 cells one position on, then back at the next shift
+                        first = 1024 if step > 0 else 1025
+                        llama_cpp.llama_memory_seq_add(context.mem, 0, first, first + 1024, step)
+                        step = -step
+                    at = llama_cpp.llama_memory_seq_pos_max(context.mem, 0) + 1
                     start = time.perf_counter()
-                    context.decode([Span([200], 2048, 0, "last")])
+                    context.decode([Span([200], at, 0, "last")])
                     spent[way].append(time.perf_counter() - start)
-                llama_cpp.llama_memory_seq_rm(context.mem, 0, 2048, -1)
+                llama_cpp.llama_memory_seq_rm(context.mem, 0, at, -1)
         plain = statistics.median(spent["plain"])
         return {way: 1000 * (statistics.median(spent[way]) - plain) for way in WAYS} | {"decode": 1000 * plain}
     finally:

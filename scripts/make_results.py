@@ -452,6 +452,8 @@ def render_kshift(kshift: dict | None) -> list[str]:
     for kv_type, f in kshift["types"].items():
         for shape, ms in f["one_shift_ms"].items():
             out.append(f"| {kv_type} | {shape} | {ms['every cell']:.1f} | {ms['moved cells']:.1f} |")
+    if note := kshift.get("one_shift_note"):
+        out += ["", f"({note}.)"]
     if kshift["rounds"]:
         out += [
             "",
