@@ -48,6 +48,12 @@ def test_info_shows_model_card_and_reach_table(run):
     assert " 2048  14,336  26,624  51,200" in result.stdout
     q8_0 = next(line for line in result.stdout.splitlines() if line.strip().startswith("q8_0"))
     assert "+0.05% / +0.13%" in q8_0 and "-: not measured" in result.stdout  # what each type costs, said where chosen
+    import llama_cpp
+
+    from selfextend_local.engine.build import KSHIFT_MOVED_CELLS, patch_level
+
+    ours = patch_level(llama_cpp.__version__) >= KSHIFT_MOVED_CELLS  # which K-shift the loaded build has
+    assert ("K-shift rotates:   the cells that moved" in result.stdout) == ours
 
 
 def test_generate_streams_the_greedy_answer(run):
