@@ -7,8 +7,9 @@ rotates only the cells that moved; LLAMA_KV_SHIFT_ALL_CELLS=1 (read at every K-s
 so both run in this one process on the same weights, alternating.
 
 1. One K-shift: after 2,048 cached tokens, a one-token decode following a move of the last 1,024
-   cells by one position (on, then back at the next), minus one without, median of --repeats; in the server's shape (``serve``'s default: 4 slots of the cells the model
-   family's setting reaches) and in one stream sized for a 10k-token document (as ``qa`` reads it).
+   cells by one position (on, then back at the next), minus one without, median of --repeats; in the
+   server's shape (``serve``'s default: 4 slots of the cells the model family's setting reaches) and in
+   one stream sized for a 10k-token document (as ``qa`` reads it).
 2. A reading: a ~10k-token document read under G4 W2048 into one slot of the server's shape, as the page
    reads it (held for a question after it), with each K-shift; best of --rounds, every run listed.
 
@@ -111,7 +112,10 @@ def main() -> int:
         runtime = RuntimeSettings(kv_type=kv_type)
         server = size(model, runtime, EXTEND, 4)
         doc_cells = len(tokens) + QUESTION_BUDGET
-        shapes = {f"{server.slots} x {server.cells:,}": (server.cells, server.slots), f"1 x {doc_cells:,}": (doc_cells, 1)}
+        shapes = {
+            f"{server.slots} x {server.cells:,}": (server.cells, server.slots),
+            f"1 x {doc_cells:,}": (doc_cells, 1),
+        }
         shift = {name: one_shift(model, runtime, cells, n, args.repeats) for name, (cells, n) in shapes.items()}
         runs: dict[str, list[float]] = {way: [] for way in WAYS}
         for r in range(args.rounds):
@@ -129,9 +133,14 @@ def report(figures: dict) -> None:
     print("\none K-shift of 1,024 cells (ms; slots x cells a slot):")
     for kv_type, f in figures["types"].items():
         for shape, ms in f["one_shift_ms"].items():
-            print(f"  {kv_type:5} {shape:>12}: every cell {ms['every cell']:8.1f}, moved cells {ms['moved cells']:6.1f}")
+            print(
+                f"  {kv_type:5} {shape:>12}: every cell {ms['every cell']:8.1f}, moved cells {ms['moved cells']:6.1f}"
+            )
     if figures["rounds"]:
-        print(f"\n{figures['tokens']:,} tokens read under G4 W2048 in the server's shape (tok/s, best of {figures['rounds']}):")
+        print(
+            f"\n{figures['tokens']:,} tokens read under G4 W2048 in the server's shape "
+            f"(tok/s, best of {figures['rounds']}):"
+        )
         for kv_type, f in figures["types"].items():
             every, moved = (max(f["reading_tok_s"][way]) for way in WAYS)
             print(f"  {kv_type:5} every cell {every:6.1f}, moved cells {moved:6.1f}: {moved / every:.2f}x")
