@@ -5,11 +5,14 @@ ceiling).
 llama-server and llama-batched-bench are built from the llama.cpp vendored in the same patched
 llama-cpp-python sdist our engine is built from (`python -m selfextend_local.llama_build`), cmake targets
 only, once: the binaries are cached under ~/.cache/selfextend-local/peer/KEY (the version, the patches,
-CMAKE_ARGS). The load is scripts/load_test.py's (concurrent streaming chat requests, greedy); each cell is
-measured twice, the two servers alternating, and the better run of each is kept.
+CMAKE_ARGS). The load is scripts/load_test.py's (concurrent streaming chat requests, greedy). The two servers
+run in turn, --repeats rounds, alternating which goes first. This machine's speed drifts by 20-40% within
+minutes, so a ratio is taken within a round (the two runs minutes apart) and the median of the rounds' ratios
+is the figure; tok/s is each server's median; TTFT percentiles pool every request of all rounds, so the p99
+is not one run's slowest request.
 
-    python scripts/bench_peer.py                     # 1 and 4 clients, --parallel 4, 30 s a cell
-    python scripts/bench_peer.py --clients 1,4 --seconds 20 --repeats 2
+    python scripts/bench_peer.py                     # 1 and 4 clients, --parallel 4, 30 s a cell, 5 rounds
+    python scripts/bench_peer.py --clients 1,4 --seconds 20 --repeats 3
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
-from load_test import load
+from load_test import load, percentile
 
 from selfextend_local import llama_build
 from selfextend_local.engine.settings import default_threads
@@ -128,25 +132,38 @@ def batched_bench(peer: Path, model: Path, parallel: int, threads: int) -> dict[
     return speeds
 
 
-def best(rows: list[dict], who: str, clients: int) -> dict:
-    return max((r for r in rows if r["who"] == who and r["clients"] == clients), key=lambda r: r["tps"])
+def summary(rows: list[dict], clients: int) -> dict:
+    """The median of the rounds' ours / llama-server ratios, each server's median tok/s and pooled TTFT."""
+    mine = [r for r in rows if r["who"] == "selfextend-local" and r["clients"] == clients]
+    peers = [r for r in rows if r["who"] == "llama-server" and r["clients"] == clients]
+    out = {"clients": clients, "ratio": statistics.median(a["tps"] / b["tps"] for a, b in zip(mine, peers))}
+    for key, cells in (("ours", mine), ("peer", peers)):
+        pooled = [t for r in cells for t in r["ttft_all"]]
+        out[key] = {
+            "tps": statistics.median(r["tps"] for r in cells),
+            "tps_each": [round(r["tps"], 1) for r in cells],
+            "requests": len(pooled),
+            "ttft": [percentile(pooled, q) for q in (50, 99)],
+        }
+    return out
 
 
-def report(rows: list[dict], args, ceiling: dict[int, float]) -> None:
+def report(summaries: list[dict], args, ceiling: dict[int, float]) -> None:
     print(
         f"\nbundled model {args.model.name}, --parallel / -np {args.parallel}, {args.threads} threads, "
-        f"{args.seconds:.0f} s a cell, {args.max_tokens} tokens greedy, best of {args.repeats}"
+        f"{args.seconds:.0f} s a cell, {args.max_tokens} tokens greedy, {args.repeats} rounds"
     )
     print(
         f"{'clients':>7} {'ours tok/s':>10} {'peer tok/s':>10} {'ratio':>6} {'ours TTFT p50/p99':>18} "
-        f"{'peer TTFT p50/p99':>18}"
+        f"{'peer TTFT p50/p99':>18}   (medians; ratio: the median of the rounds' ratios)"
     )
-    for clients in args.clients:
-        ours, peer = best(rows, "selfextend-local", clients), best(rows, "llama-server", clients)
+    for s in summaries:
+        ours, peer = s["ours"], s["peer"]
         print(
-            f"{clients:>7} {ours['tps']:>10.1f} {peer['tps']:>10.1f} {ours['tps'] / peer['tps']:>6.2f} "
-            f"{ours['ttft'][0]:>8.2f}/{ours['ttft'][1]:.2f} s {peer['ttft'][0]:>8.2f}/{peer['ttft'][1]:.2f} s"
+            f"{s['clients']:>7} {ours['tps']:>10.1f} {peer['tps']:>10.1f} {s['ratio']:>6.2f} "
+            f"{ours['ttft'][0]:>8.3f}/{ours['ttft'][1]:.3f} s {peer['ttft'][0]:>8.3f}/{peer['ttft'][1]:.3f} s"
         )
+        print(f"{'':>7} each round: ours {ours['tps_each']}, llama-server {peer['tps_each']}")
     line = ", ".join(f"{n} seq {s:.1f} tok/s" for n, s in sorted(ceiling.items()))
     print(f"llama-batched-bench generation: {line}")
 
@@ -157,7 +174,7 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--model", type=Path, default=None, help="a .gguf (default: the bundled model)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures (docs/peer.json for RESULTS.md)")
@@ -171,12 +188,13 @@ def main() -> int:
         for who in order:
             rows += serve_and_load(who, peer, args)
     ceiling = batched_bench(peer, args.model, args.parallel, args.threads)
-    report(rows, args, ceiling)
+    summaries = [summary(rows, n) for n in args.clients]
+    report(summaries, args, ceiling)
     if args.json:
-        cells = [best(rows, who, n) for n in args.clients for who in ("selfextend-local", "llama-server")]
         setup = {k: getattr(args, k) for k in ("parallel", "seconds", "max_tokens", "repeats", "threads")}
-        figures = {"date": time.strftime("%Y-%m-%d"), "model": args.model.name, **setup, "rows": cells}
-        args.json.write_text(json.dumps({**figures, "batched_bench": ceiling}, indent=1))
+        figures = {"date": time.strftime("%Y-%m-%d"), "model": args.model.name, **setup, "summary": summaries}
+        cells = [{k: v for k, v in r.items() if k != "ttft_all"} for r in rows]
+        args.json.write_text(json.dumps({**figures, "rows": cells, "batched_bench": ceiling}, indent=1))
     return 0
 
 

@@ -103,6 +103,7 @@ def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
         "rps": len(ok) / wall,
         "tps": tokens / wall,
         "ttft": [percentile(ttft, q) for q in (50, 99)],
+        "ttft_all": ttft,  # every request's, so that several runs can be pooled
         "latency": [percentile(total, q) for q in (50, 99)],
     }
 

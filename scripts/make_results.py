@@ -238,6 +238,9 @@ def _kv_speed(repeats: int) -> str:
     return "ingestion tokens/s of each 12k perplexity run, one after another on a quiet machine (not lockstep)"
 
 
+WHO = ("selfextend-local", "llama-server")
+
+
 def render_peer(peer: dict | None) -> list[str]:
     """Our server beside llama.cpp's own, from docs/peer.json (`python scripts/bench_peer.py --json ...`)."""
     if not peer:
@@ -248,24 +251,42 @@ def render_peer(peer: dict | None) -> list[str]:
         f"Measured by `python scripts/bench_peer.py --json docs/peer.json` on {peer['date']}: {peer['model']}, "
         f"`serve --parallel {peer['parallel']}` against `llama-server -np {peer['parallel']}` built from the same "
         f"patched llama.cpp, {peer['threads']} threads, the same streaming chat load ({peer['max_tokens']} tokens, "
-        f"greedy, {peer['seconds']:.0f} s a cell), best of {peer['repeats']} runs with the two servers "
-        "alternating; tokens as each reply's usage counts them, TTFT to the first chunk with text.",
+        f"greedy, {peer['seconds']:.0f} s a cell), {peer['repeats']} rounds with the two servers alternating; "
+        "tok/s is each server's median, the ratio the median of the rounds' own ratios, TTFT percentiles over "
+        "every request of all rounds; tokens as each reply's usage counts them, TTFT to the first chunk with text.",
         "",
         "| clients | ours tok/s | llama-server tok/s | ours / llama-server | ours TTFT p50 / p99 | "
-        "llama-server TTFT p50 / p99 |",
-        "|---|---|---|---|---|---|",
+        "llama-server TTFT p50 / p99 | requests (ours / theirs) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    cells = {(r["who"], r["clients"]): r for r in peer["rows"]}
-    for clients in sorted({r["clients"] for r in peer["rows"]}):
-        ours, theirs = cells[("selfextend-local", clients)], cells[("llama-server", clients)]
+    for s in peer["summary"]:
+        ours, theirs = s["ours"], s["peer"]
         out.append(
-            f"| {clients} | {ours['tps']:.1f} | {theirs['tps']:.1f} | {ours['tps'] / theirs['tps']:.2f} | "
-            f"{ours['ttft'][0]:.2f} / {ours['ttft'][1]:.2f} s | {theirs['ttft'][0]:.2f} / {theirs['ttft'][1]:.2f} s |"
+            f"| {s['clients']} | {ours['tps']:.1f} | {theirs['tps']:.1f} | {s['ratio']:.2f} | "
+            f"{ours['ttft'][0]:.3f} / {ours['ttft'][1]:.3f} s | {theirs['ttft'][0]:.3f} / {theirs['ttft'][1]:.3f} s | "
+            f"{ours['requests']} / {theirs['requests']} |"
         )
+    rounds = "; ".join(
+        f"{s['clients']} client{'s' if s['clients'] > 1 else ''}: ours {s['ours']['tps_each']}, "
+        f"llama-server {s['peer']['tps_each']}"
+        for s in peer["summary"]
+    )
     speeds = ", ".join(
         f"{n} sequence{'s' if int(n) > 1 else ''}: {v:.1f} tok/s" for n, v in peer["batched_bench"].items()
     )
-    return out + ["", f"llama-batched-bench generation (the kernels' ceiling): {speeds}.", ""]
+    failed = {who: sum(r["requests"] - r["ok"] for r in peer["rows"] if r["who"] == who) for who in WHO}
+    failures = (
+        f" Requests that failed, not counted: ours {failed['selfextend-local']}, llama-server "
+        f"{failed['llama-server']} (each at once, in 1-2 ms: it had closed the kept-alive connection; the "
+        "client goes on with its next request)."
+    )
+    return out + [
+        "",
+        f"Each round's tok/s: {rounds}.{failures}",
+        "",
+        f"llama-batched-bench generation (the kernels' ceiling): {speeds}.",
+        "",
+    ]
 
 
 def render_kv_quality(quality: dict | None) -> list[str]:
@@ -423,14 +444,10 @@ def render_page(page: dict | None) -> list[str]:
         "## Reading through the page (CPU)",
         "",
         f"Measured by `python scripts/bench_page.py --json docs/page.json` on {page['date']}: the same "
-        f"{page['tokens']:,}-token document read by `qa` ({page['qa']:.1f} tok/s) and through the page's API "
-        f"({page['page']:.1f} tok/s): {page['page'] / page['qa']:.3f} of qa's speed, best of {page['rounds']} rounds, "
-        "alternating."
-        + (
-            f" Other runs of the same script: {', '.join(f'{r:.3f}' for r in page['other_runs'])}."
-            if page.get("other_runs")
-            else ""
-        ),
+        f"{page['tokens']:,}-token document read by `qa` and through the page's API, {page['rounds']} rounds, the "
+        f"two back to back and alternating first: qa {page['qa']} tok/s, the page {page['page']} tok/s; the page / qa "
+        f"in each round {page['ratios']}, median {page['median']:.3f}."
+        + (f" {page['note']}" if page.get("note") else ""),
         "",
     ]
 
