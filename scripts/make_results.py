@@ -280,13 +280,14 @@ def render_peer(peer: dict | None) -> list[str]:
         f"{failed['llama-server']} (each at once, in 1-2 ms: it had closed the kept-alive connection; the "
         "client goes on with its next request)."
     )
-    return out + [
+    out += [
         "",
         f"Each round's tok/s: {rounds}.{failures}",
         "",
         f"llama-batched-bench generation (the kernels' ceiling): {speeds}.",
         "",
     ]
+    return out + ([peer["note"], ""] if peer.get("note") else [])
 
 
 def render_kv_quality(quality: dict | None) -> list[str]:

@@ -3,10 +3,12 @@
 glibc gives each new thread that allocates its own malloc arena (heaps it maps apart from the main one),
 so an engine made and stepped on a thread of its own (the server's) puts llama.cpp's per-decode buffers
 somewhere else than ``qa`` does on the main thread. Measured on the bundled model reading a 10,130-token
-document on two cores (docs/RESULTS.md, scripts/bench_page.py): the same llama_decode calls ran at
-110-121 tok/s from a thread arena and at 131-142 with ``MALLOC_ARENA_MAX=1``, while ``qa`` read at 129-135;
-generating one token at a time was the same either way. Capping the arenas at one before the engine's
-thread starts gives that thread the main heap. Other C libraries are left as they are.
+document on two cores: the server's llama_decode calls ran at 110-121 tok/s from a thread arena and at
+131-142 with ``MALLOC_ARENA_MAX=1`` in its environment, ``qa`` at 129-135 the same hour; one-token
+decodes were the same either way. Why the placement matters so much is not settled (this machine has no
+hardware counters); with the cap, ``scripts/bench_page.py`` gives the page 0.85-1.10 of qa a round
+(docs/page.json). Capping the arenas at one before the engine's thread starts gives that thread the main
+heap. Other C libraries are left as they are.
 """
 
 from __future__ import annotations
