@@ -11,8 +11,8 @@ pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's arenas only"
 )
 
-# Prints 1 when a 64 KiB block malloc'd on a new thread lies in the main heap (below the program break),
-# 0 when it comes from an arena of the thread's own (mapped apart, above it).
+# Prints 1 when a 1 MiB block malloc'd on a new thread lies in the main heap (below the program break),
+# 0 when it comes from an arena of the thread's own or a mapping of its own (above it).
 CHILD = """
 import ctypes, sys, threading
 libc = ctypes.CDLL(None)
@@ -22,7 +22,7 @@ libc.sbrk.argtypes = [ctypes.c_ssize_t]
 placed = []
 
 def allocate():
-    placed.append(libc.malloc(65536) < libc.sbrk(0))
+    placed.append(libc.malloc(1 << 20) < libc.sbrk(0))
 
 if sys.argv[1] == "serving":
     from selfextend_local.engine.scheduler import ServingThread

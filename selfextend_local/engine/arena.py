@@ -5,10 +5,11 @@ so an engine made and stepped on a thread of its own (the server's) puts llama.c
 somewhere else than ``qa`` does on the main thread. Measured on the bundled model reading a 10,130-token
 document on two cores: the server's llama_decode calls ran at 110-121 tok/s from a thread arena and at
 131-142 with ``MALLOC_ARENA_MAX=1`` in its environment, ``qa`` at 129-135 the same hour; one-token
-decodes were the same either way. Why the placement matters so much is not settled (this machine has no
-hardware counters); with the cap, ``scripts/bench_page.py`` gives the page 0.85-1.10 of qa a round
-(docs/page.json). Capping the arenas at one before the engine's thread starts gives that thread the main
-heap. Other C libraries are left as they are.
+decodes were the same either way. With the arenas capped the page still read at 115-140 tok/s, and
+glibc maps a block afresh whenever it is above its moving mmap threshold; pinning that threshold at its
+largest as well put the page at 0.96, 1.00 and 1.04 of qa (scripts/bench_page.py, docs/page.json). Why the
+placement matters so much is not settled (this machine has no hardware counters). Other C libraries are
+left as they are.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import os
 import platform
 
 M_ARENA_MAX = -8  # glibc's malloc.h
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20  # glibc's largest; blocks below it come from the heap
 
 
 def share_main_arena() -> bool:
-    """Let threads started from now on allocate from the main arena (glibc only); True when it was set.
+    """Let threads started from now on allocate from the main arena (glibc only), and blocks under 32 MiB
+    from its heap rather than fresh mappings; True when it was set.
 
     A user's own ``MALLOC_ARENA_MAX`` (or a glibc tunable naming arenas) is left to rule."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -32,4 +36,5 @@ def share_main_arena() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     return mallopt(M_ARENA_MAX, 1) == 1
