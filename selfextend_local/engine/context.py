@@ -67,6 +67,7 @@ class Context:
         check_context_fits(model.info, cells * n_seq, self.runtime.kv_type, self.runtime.gpu_layers > 0)
         self.ctx = self._new_context(cells)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.cells = llama_cpp.llama_n_ctx_seq(self.ctx)  # KV cells each sequence may use
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._dividers: dict[str, Divider] = {}
 
@@ -113,11 +114,6 @@ class Context:
         if getattr(self, "ctx", None):
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
-
-    @property
-    def cells(self) -> int:
-        """KV cells each sequence may use."""
-        return llama_cpp.llama_n_ctx_seq(self.ctx)
 
     def divider(self, mode: str) -> Divider:
         """The division for ``mode`` (the probe runs on sequence 0, which must be empty the first time)."""
