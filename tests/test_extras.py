@@ -61,5 +61,5 @@ def test_the_server_is_in_the_base_install():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11 and newer
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     base = " ".join(project["dependencies"])
-    assert all(package in base for package in ("fastapi", "uvicorn", "sse-starlette"))
+    assert all(package in base for package in ("fastapi", "uvicorn"))
     assert not project["optional-dependencies"]["server"]

@@ -131,7 +131,7 @@ def serve(
     import uvicorn
 
     from ..engine import scheduler
-    from ..serving.app import create_app, loopback_hosts
+    from ..serving.app import UvicornServer, create_app, loopback_hosts
 
     api_key = api_key or os.environ.get(API_KEY_ENV)
     llm = load_for_cli(model, runtime, verbose)
@@ -149,6 +149,6 @@ def serve(
     log(f"allocated {chosen.describe()}")
     log(f"serving {llm.path.name} on {url_for(host, port)}/v1 (queue {queue_size}, auth {'on' if api_key else 'off'})")
     log(f"the page: {url_for(host, port)}/")
-    # A stop (Ctrl-C, SIGTERM) waits this long for open streams, then cancels them and frees the worker.
+    # A stop (Ctrl-C, SIGTERM) cancels every request, then waits this long for open streams to end.
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    UvicornServer(config).run(sockets=[sock])

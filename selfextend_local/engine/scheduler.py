@@ -94,9 +94,13 @@ class Scheduler:
 
     def close(self) -> None:
         """Every request still waiting ends with an Interrupted error; the engine closes."""
-        while self.waiting:
-            _refuse(self.waiting.popleft(), Interrupted("the scheduler closed before this request started"))
+        self.refuse_waiting(Interrupted("the scheduler closed before this request started"))
         self.engine.close()
+
+    def refuse_waiting(self, error: Exception) -> None:
+        """End every request still waiting for a slot with ``error``."""
+        while self.waiting:
+            _refuse(self.waiting.popleft(), error)
 
     def __enter__(self) -> Scheduler:
         return self
@@ -262,13 +266,15 @@ class ServingThread:
             self.running.add(cancelled)
         self.inbox.put(request)
 
-    def stop(self) -> None:
-        """Cancel every request, running or waiting, then end the thread and free the engine."""
+    def stop(self, wait: bool = True) -> None:
+        """Cancel every request (one running ends with its last chunk, one waiting with an Interrupted
+        error), then end the thread and free the engine; ``wait``: until it has."""
         with self.lock:
             for cancelled in self.running:
                 cancelled.set()
         self.inbox.put(None)
-        self.thread.join(timeout=10)
+        if wait:
+            self.thread.join(timeout=10)
 
     def _later(self, callback: Callable) -> Callable:
         """``callback``, called once the step that calls it is over (:meth:`_deliver`)."""
@@ -293,6 +299,8 @@ class ServingThread:
             while taking or scheduler.busy:  # once told to stop, until the cancelled requests have ended
                 if taking:
                     taking = self._take(block=not scheduler.busy)
+                    if not taking:
+                        scheduler.refuse_waiting(Interrupted("the server stopped before this request started"))
                 scheduler.advance()
                 self._deliver()
             while not self.inbox.empty():  # arrived after the stop: they never start

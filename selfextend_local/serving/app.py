@@ -14,6 +14,7 @@ import hmac
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -162,3 +163,13 @@ async def status(request: Request) -> dict:
         "cells": serving.cells,
         "kv_type": server.runtime.kv_type,
     }
+
+
+class UvicornServer(uvicorn.Server):
+    """uvicorn's server that, on a stop (Ctrl-C, SIGTERM), first cancels every request of the app's engine:
+    a stream ends at once with its last chunk and a request still waiting gets a 503, where otherwise each
+    would be cut when uvicorn's graceful-shutdown timeout ran out."""
+
+    async def shutdown(self, sockets=None) -> None:
+        self.config.app.state.server.serving.stop(wait=False)
+        await super().shutdown(sockets)

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -25,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 
 import llama_cpp
 from fastapi import APIRouter, Request
-from sse_starlette import EventSourceResponse
 
 from ..engine.errors import SelfExtendError
 from ..engine.kvcache import tokens_digest
@@ -36,6 +34,7 @@ from ..engine.slots import Held
 from ..engine.slots import Request as EngineRequest
 from ..tasks.documents import MAX_FILE_BYTES
 from ..tasks.qa import QUESTION_BUDGET, DocumentCache, Pieces, document_prompt, question_tokens
+from . import sse
 from .http import APIError, Server, http_naming, off_loop, read_body, server_of
 from .library import Stored
 
@@ -294,10 +293,10 @@ async def read(request: Request, ident: str):
     async def events():
         try:
             while (event := await queue.get()) is not None:
-                yield {"data": json.dumps(event)}
+                yield sse.event(event)
             documents.measured(reading)
-            yield {"data": "[DONE]"}
+            yield sse.DONE
         finally:
             reading.leave(queue)  # the last follower gone mid-reading cancels it
 
-    return EventSourceResponse(events(), ping=15)
+    return sse.EventStream(events())

@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import time
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -219,13 +220,13 @@ def stats(last: Chunk | None, total: float, served: dict) -> dict:
 async def reply(request: Request, body: OllamaRequest, tokens: list[int], piece, ending):
     """Serve ``tokens`` and answer as Ollama does: NDJSON lines of ``piece(text)`` and a last one of
     ``ending(text, generated tokens)`` with the counts (or that one object alone, with ``stream`` false)."""
+    began = time.perf_counter()  # Ollama's total_duration: from the request's arrival (uvloop's clock ticks in ms)
     server = server_of(request)
     extend, sampling = await off_loop(server, settings_for, body, server)
     call = Call(asyncio.get_running_loop(), ollama_naming())
     engine_request = call.wire(EngineRequest(tokens, sampling, extend))
     events = await start_call(server, call, engine_request)
     served = served_by(engine_request, server.runtime)
-    began = asyncio.get_running_loop().time()
 
     async def lines():
         parts, generated, last = [], [], None
@@ -238,7 +239,7 @@ async def reply(request: Request, body: OllamaRequest, tokens: list[int], piece,
                     if body.stream:
                         yield json.dumps(piece(last.text)) + "\n"
             closing = ending("" if body.stream else "".join(parts), generated)
-            yield json.dumps({**closing, **stats(last, asyncio.get_running_loop().time() - began, served)}) + "\n"
+            yield json.dumps({**closing, **stats(last, time.perf_counter() - began, served)}) + "\n"
         except APIError as exc:
             yield json.dumps({"error": exc.message}) + "\n"
 

@@ -11,14 +11,12 @@ one reports how far a long prompt has been read when asked (``return_progress``,
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import ClassVar
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette import EventSourceResponse
 
 from ..engine.errors import SelfExtendError
 from ..engine.grammar import Structure, response_format_structure
@@ -42,6 +40,7 @@ from .http import (
 from .http import start as start_call
 from .http import watch as watch_call
 from .openai import Reply
+from .sse import DONE, EventStream, event
 
 
 class SelfExtendOptions(BaseModel):
@@ -208,7 +207,7 @@ async def respond(request: Request, req: CommonRequest, tokens: list[int], chat:
     reply = Reply.new(server.model_id, chat, served_by(engine_request, server.runtime))
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return EventSourceResponse(_events(events, reply, include_usage), ping=15)
+        return EventStream(_events(events, reply, include_usage))
     watcher = asyncio.create_task(watch_call(request, call))
     try:
         parts, last = [], None
@@ -226,22 +225,22 @@ async def _events(events: AsyncIterator, reply: Reply, include_usage: bool):
     last = None
     first = True
     try:
-        async for event in events:
-            if isinstance(event, Progress):
-                yield {"data": json.dumps(reply.progress_piece(event.as_dict()))}
+        async for item in events:
+            if isinstance(item, Progress):
+                yield event(reply.progress_piece(item.as_dict()))
                 continue
-            last = event
+            last = item
             if last.finish_reason is not None:
                 break
-            yield {"data": json.dumps(reply.piece(last.text, first=first))}
+            yield event(reply.piece(last.text, first=first))
             first = False
         finish = "length" if last and last.finish_reason == "length" else "stop"
-        yield {"data": json.dumps(reply.piece(last.text if last else "", finish=finish))}
+        yield event(reply.piece(last.text if last else "", finish=finish))
         if include_usage and last is not None:
-            yield {"data": json.dumps(reply.usage_piece(last, last.prompt_tokens))}
-        yield {"data": "[DONE]"}
+            yield event(reply.usage_piece(last, last.prompt_tokens))
+        yield DONE
     except APIError as exc:
-        yield {"data": json.dumps({"error": {"message": exc.message, "type": exc.kind, "code": exc.code}})}
+        yield event({"error": {"message": exc.message, "type": exc.kind, "code": exc.code}})
 
 
 # -- the routes -------------------------------------------------------------------------------------
