@@ -306,3 +306,29 @@ def test_a_serving_thread_delivers_a_steps_events_as_the_engine_enters_its_next_
         calls = [entry for entry in log[i:] if entry.startswith("llama_")]
         if "llama_decode" in calls:  # (after the last one, the engine closes)
             assert calls[0] == "llama_decode", (i, log[max(0, i - 8) : i + 8])
+
+
+def test_a_callback_that_fails_does_not_stop_a_serving_thread(model):
+    """A front end's callback raising (say, its event loop closed) loses no other event and no slot: the
+    failing request still finishes, and the next request is served."""
+    import threading
+
+    from selfextend_local.engine.scheduler import ServingThread
+
+    serving = ServingThread(lambda: batch(model, 1, 512), queue_size=2)
+    finished = threading.Semaphore(0)
+
+    def fail(_chunk) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    try:
+        outputs = []
+        for on_chunk in (fail, outputs.append):
+            req = Request(chat(model, PROMPTS[0]), GREEDY, ExtendSettings(), on_chunk=on_chunk)
+            req.on_finish = finished.release
+            assert serving.admit()
+            serving.submit(req, threading.Event())
+        assert finished.acquire(timeout=120) and finished.acquire(timeout=120)
+        assert outputs and outputs[-1].finish_reason is not None  # served whole, in the one slot
+    finally:
+        serving.stop()

@@ -23,6 +23,7 @@ slot, then prompt chunks, a request's first chunk ahead of a long prompt's later
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import deque
@@ -283,7 +284,10 @@ class ServingThread:
     def _deliver(self) -> None:
         outbox, self.outbox = self.outbox, []
         for callback, args in outbox:
-            callback(*args)
+            try:
+                callback(*args)
+            except Exception:  # a front end's defect: the other events (its on_finish too) still go out
+                logging.getLogger(__name__).exception("a request's callback failed")
 
     def _run(self, make: Callable[[], Scheduler], ready: queue.Queue) -> None:
         try:
