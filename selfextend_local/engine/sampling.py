@@ -66,7 +66,7 @@ class Sampler:
 
     def _argmax(self, logits) -> int:
         """The greedy chain's pick (the first of equal maxima, as llama.cpp's greedy sampler's) without copying
-        the vocabulary into candidates as llama_sampler_sample does: 15 us a token instead of 70."""
+        the vocabulary into candidates as llama_sampler_sample does: 7 us a token instead of 51."""
         return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.model.n_vocab,))))
 
     def _sample_in_grammar(self, logits) -> int:

@@ -4,7 +4,7 @@ does not close a stream whose long prompt is still being read.
 
 Starlette's StreamingResponse underneath, not sse-starlette's EventSourceResponse: that one opened a cancel
 scope and built an event object for every event it sent, which cost the event loop ~100 us a streamed token
-on the two cores llama.cpp's threads are using (loop CPU a token, one client: 213-233 us before, 137-195
+on the two cores llama.cpp's threads are using (loop CPU a token, one client: 213-233 us before, 169-195
 after). A server that stops cuts its streams after uvicorn's graceful-shutdown timeout.
 """
 
