@@ -332,3 +332,27 @@ def test_a_callback_that_fails_does_not_stop_a_serving_thread(model):
         assert outputs and outputs[-1].finish_reason is not None  # served whole, in the one slot
     finally:
         serving.stop()
+
+
+def test_greedy_picks_follow_the_logits_rows_as_llama_cpp_moves_them(model):
+    """The greedy sampler keeps an array for each logits row address it is given; across decodes of one and
+    of many outputs (llama.cpp reallocates and reuses its output buffer) each pick is the argmax of a fresh
+    copy of that row."""
+    from selfextend_local.engine.context import Context, Span
+    from selfextend_local.engine.sampling import Sampler
+
+    prompt = chat(model, " ".join(PROMPTS))
+    assert len(prompt) >= 22
+    context = Context(model, 512, RuntimeSettings(), n_seq=1)
+    sampler = Sampler(SamplingSettings(temperature=0), model)
+    try:
+        start = 0
+        for n, logits in ((8, "all"), (1, "last"), (12, "all"), (1, "last")):
+            context.decode([Span(prompt[start : start + n], start, 0, logits)])
+            for index in range(-1, -n - 1, -1) if logits == "all" else (-1,):
+                assert sampler.sample(context.ctx, index) == int(np.argmax(context.logits(index)[0]))
+            start += n
+        assert 2 <= len(sampler._rows) <= 64
+    finally:
+        sampler.close()
+        context.close()

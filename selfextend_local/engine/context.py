@@ -69,6 +69,8 @@ class Context:
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.cells = llama_cpp.llama_n_ctx_seq(self.ctx)  # KV cells each sequence may use
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        batch = self.batch  # its arrays, fetched once: each ctypes field read makes a new pointer object
+        self._fields = (batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits)
         self._dividers: dict[str, Divider] = {}
 
     def _params(self, cells: int):
@@ -124,17 +126,18 @@ class Context:
     def decode(self, spans: Seq[Span]) -> None:
         """One ``llama_decode`` of ``spans``, in order; a span's logits are read with :meth:`logits` at the
         batch index of its tokens (the first span's tokens are indices 0.., the next span's follow)."""
-        batch = self.batch
+        token, pos, n_seq_id, seq_id, logits = self._fields
         i = 0
         for span in spans:
             last = len(span.tokens) - 1
-            for j, token in enumerate(span.tokens):
-                batch.token[i] = token
-                batch.pos[i] = span.start + j
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = span.seq
-                batch.logits[i] = span.logits == "all" or (span.logits == "last" and j == last)
+            for j, t in enumerate(span.tokens):
+                token[i] = t
+                pos[i] = span.start + j
+                n_seq_id[i] = 1
+                seq_id[i][0] = span.seq
+                logits[i] = span.logits == "all" or (span.logits == "last" and j == last)
                 i += 1
+        batch = self.batch
         batch.n_tokens = i
         llama_log.clear_errors()
         rc = llama_cpp.llama_decode(self.ctx, batch)

@@ -137,6 +137,7 @@ class Model:
         self.vocab = llama_cpp.llama_model_get_vocab(handle)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
 
     def close(self) -> None:
         if self.handle:
@@ -232,7 +233,12 @@ class Model:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        """Whether ``token`` ends a generation (asked of llama.cpp once a token: a call into it every token
+        is a point where the server's event loop can take the GIL from the engine's thread)."""
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def special_text(self, token: int) -> str:
         buf = ctypes.create_string_buffer(256)
