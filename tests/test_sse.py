@@ -34,3 +34,14 @@ def test_a_quiet_stream_is_pinged_and_its_events_arrive_whole_and_in_order():
     assert blocks[-3] == 'data: {"n": 2, "text": "\\u00e9\\n"}'
     pings = blocks[1:-3]
     assert 1 <= len(pings) <= 4 and set(pings) == {": ping"}, blocks
+
+
+def test_a_streamed_piece_made_from_its_template_is_the_event_of_the_whole_piece():
+    """A reply's token events are its JSON around the text, made once: the bytes equal the event of the whole
+    piece for text that JSON escapes, and for a model whose name holds the template's own mark."""
+    from selfextend_local.serving.openai import Reply
+
+    for chat in (True, False):
+        reply = Reply.new('odd "model" \x00text\x00', chat, {"group": 4, "window": 1024})
+        for text in ("", "plain", 'a "quote", a \\ and\na line', "é中😀", "\x00text\x00", "</script>"):
+            assert reply.piece_event(text) == event(reply.piece(text)), (chat, text)

@@ -15,6 +15,7 @@ import asyncio
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -198,11 +199,17 @@ class Call:
     def __init__(self, loop: asyncio.AbstractEventLoop, naming: Naming) -> None:
         self.loop = loop
         self.naming = naming
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.events: deque = deque()  # arrived, not yet taken (a deque and one waiter: an asyncio.Queue's
+        self.waiter: asyncio.Future | None = None  # getters and wake-ups cost the loop more a token)
         self.cancelled = threading.Event()
 
     def _put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        self.loop.call_soon_threadsafe(self._arrive, item)
+
+    def _arrive(self, item) -> None:
+        self.events.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def wire(self, request: EngineRequest, progress: bool = False) -> EngineRequest:
         """Route ``request``'s events here (with ``progress``, the prompt's too)."""
@@ -222,7 +229,10 @@ class Call:
 
     async def next(self):
         """STARTED, a Progress, a Chunk, or None at the end; an error from the engine is raised as an APIError."""
-        item = await self.events.get()
+        while not self.events:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        item = self.events.popleft()
         if isinstance(item, Interrupted):
             raise APIError(503, "the request was cancelled: the server is stopping", kind="server_error")
         if isinstance(item, ReplyError):

@@ -232,7 +232,7 @@ async def _events(events: AsyncIterator, reply: Reply, include_usage: bool):
             last = item
             if last.finish_reason is not None:
                 break
-            yield event(reply.piece(last.text, first=first))
+            yield event(reply.piece(last.text, first=True)) if first else reply.piece_event(last.text)
             first = False
         finish = "length" if last and last.finish_reason == "length" else "stop"
         yield event(reply.piece(last.text if last else "", finish=finish))
