@@ -233,8 +233,8 @@ class Model:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
-        """Whether ``token`` ends a generation (asked of llama.cpp once a token: a call into it every token
-        is a point where the server's event loop can take the GIL from the engine's thread)."""
+        """Whether ``token`` ends a generation (asked of llama.cpp once a token id, not on every generated
+        token: each ctypes call gives up the GIL, to the server's event loop if it is waiting)."""
         eog = self._eog.get(token)
         if eog is None:
             eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))

@@ -199,8 +199,10 @@ class Call:
     def __init__(self, loop: asyncio.AbstractEventLoop, naming: Naming) -> None:
         self.loop = loop
         self.naming = naming
-        self.events: deque = deque()  # arrived, not yet taken (a deque and one waiter: an asyncio.Queue's
-        self.waiter: asyncio.Future | None = None  # getters and wake-ups cost the loop more a token)
+        # arrived and not yet taken, and the future :meth:`next` waits on (an asyncio.Queue's getters and
+        # wake-ups cost the event loop more a streamed token)
+        self.events: deque = deque()
+        self.waiter: asyncio.Future | None = None
         self.cancelled = threading.Event()
 
     def _put(self, item) -> None:
