@@ -9,7 +9,7 @@ import socket
 import click
 
 from ..serving.limits import ServerLimits
-from .display import log
+from .display import log, note
 from .docs import cache_dir_option, cache_size_option, open_cache
 from .options import extend_options, log_options, model_option, runtime_options
 from .run import load_for_cli
@@ -131,6 +131,7 @@ def serve(
     import uvicorn
 
     from ..engine import scheduler
+    from ..engine.budget import StepBudget
     from ..serving.app import UvicornServer, create_app, loopback_hosts
 
     api_key = api_key or os.environ.get(API_KEY_ENV)
@@ -147,6 +148,7 @@ def serve(
     kv = None if no_cache else kv_cache
     app = create_app(llm, runtime, extend, api_key, limits, hosts, chosen, kv, documents)
     log(f"allocated {chosen.describe()}")
+    note(StepBudget().describe())
     log(f"serving {llm.path.name} on {url_for(host, port)}/v1 (queue {queue_size}, auth {'on' if api_key else 'off'})")
     log(f"the page: {url_for(host, port)}/")
     # A stop (Ctrl-C, SIGTERM) cancels every request, then waits this long for open streams to end.

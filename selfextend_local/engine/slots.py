@@ -25,6 +25,7 @@ import llama_cpp
 import numpy as np
 
 from . import kshift
+from .budget import StepBudget
 from .context import Context, Span
 from .errors import EngineError, Interrupted, SelfExtendError
 from .model import Model
@@ -35,11 +36,10 @@ from .sequence import Sequence
 from .settings import ExtendSettings, RuntimeSettings, SamplingSettings
 
 Progress = Callable[[int, int], None]
-# A reading of more than LONG_READING tokens goes PIECE tokens a step while other slots generate: at 8k
-# tokens of context a whole chunk of 512 takes seconds on a laptop's CPU, and each generated token of a
-# chat beside it would wait that long.
+# A reading of more than LONG_READING tokens goes in pieces while other slots generate (:mod:`.budget`): at
+# 8k tokens of context a whole chunk of 512 takes seconds on a laptop's CPU, and each generated token of a
+# chat beside it would wait that long. Shorter prompts (a chat's own) are read in whole chunks.
 LONG_READING = 2048
-PIECE = 64
 LogitsSink = Callable[[int, np.ndarray], None]
 
 
@@ -278,6 +278,7 @@ class Engine:
         self.owns_context = owns_context
         given = sequences or []
         self.slots = [Slot(i, given[i] if i < len(given) else None) for i in range(context.n_seq)]
+        self.budget = StepBudget()
         self.steps = 0
         self._cells = context.cells  # read once: plan() may be called from another thread
 
@@ -366,6 +367,7 @@ class Engine:
         if request.held is None:
             self._start_from_kept(slot, request.prompt)
         slot.start(request)
+        self.budget.started(slot.index)
         request.on_start()
         if not slot.pending and not request.generate:  # all of it was there already: nothing to read
             if request.progress:
@@ -396,14 +398,17 @@ class Engine:
             if slot.busy and slot.request.cancelled():
                 slot.cancel()
                 self._end(slot)
-        spans = self._gather()
+        spans, pieces = self._gather()
         if not spans:
             return 0
+        began = time.perf_counter()
         try:
             self.context.decode([span for _, span in spans])
         except SelfExtendError as exc:
             self.fail_all(exc)
             return 0
+        generating = sum(1 for slot, _ in spans if slot.next_token is not None)
+        self.budget.took(time.perf_counter() - began, generating, pieces)
         self.steps += 1
         first = 0
         for slot, span in spans:
@@ -412,22 +417,30 @@ class Engine:
             first += len(span.tokens)
         return first
 
-    def _gather(self) -> list[tuple[Slot, Span]]:
+    def _gather(self) -> tuple[list[tuple[Slot, Span]], dict[int, int]]:
         """This step's spans: each generating slot's token, then whole prompt chunks: first those of prompts
         not yet begun, then the rest, each in arrival order (a short new request's first token does not
-        wait for a long prompt's later chunks). While some slots generate, a long reading goes
-        :data:`PIECE` tokens a step, so that their tokens do not each wait for a whole chunk of it."""
+        wait for a long prompt's later chunks). While some slots generate, a long reading goes in the
+        pieces the step budget allows (:mod:`.budget`), so that their tokens do not each wait for a whole
+        chunk of it; those pieces are returned too (tokens by slot)."""
         spans = [(slot, slot.token_span()) for slot in self.slots if slot.busy and slot.next_token is not None]
+        pieces: dict[int, int] = {}
         room = self.context.n_batch - len(spans)
         reading = (s for s in self.slots if s.busy and s.pending)
         for slot in sorted(reading, key=lambda s: (s.chunks > 0, s.started)):
-            long = len(slot.request.prompt) - slot.reused > LONG_READING
-            span = slot.prompt_span(room, PIECE if spans and long else None)
+            piece = None
+            if spans and len(slot.request.prompt) - slot.reused > LONG_READING:
+                piece = self.budget.piece(slot.index)
+                if not piece:
+                    continue
+            span = slot.prompt_span(room, piece)
             if span is None:
                 break  # whole chunks only; the next step has room for it
             spans.append((slot, span))
             room -= len(span.tokens)
-        return spans
+            if piece:
+                pieces[slot.index] = len(span.tokens)
+        return spans, pieces
 
     def _end(self, slot: Slot) -> None:
         request = slot.release()
