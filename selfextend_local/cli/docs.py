@@ -260,7 +260,7 @@ def _scheduler_for(summarizer, parallel: int, files):
 
 def _report(records, record_log, files, total: int, out: Path) -> None:
     """Append each record as it comes, with progress over the files; exit 1 while error records remain."""
-    progress = IngestProgress("summarising", unit="files", rate_unit="files/min", per_minute=True)
+    progress = IngestProgress("summarising", unit="files", rate_unit="files/min", per_minute=True, costly=False)
     failed = done = 0
     start = time.perf_counter()
     for record in records:
