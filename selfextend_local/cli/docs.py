@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..engine.settings import CHECKPOINT_SECONDS, MAX_CHECKPOINT_SECONDS
 from .display import IngestProgress, ctrl_c_stops, line_editing, log, note, read_line, render_stream, stats_line
 from .options import extend_options, log_options, model_option, runtime_options, sampling_options
 from .run import describe_session, load_for_cli
@@ -25,6 +26,14 @@ cache_size_option = click.option(
     show_default=True,
     help="Cache size limit in GiB (least recently used go).",
 )
+checkpoint_option = click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(0, MAX_CHECKPOINT_SECONDS),
+    default=CHECKPOINT_SECONDS,
+    show_default=True,
+    help="Seconds of a long reading between its checkpoints in the cache (0: after every chunk); the same "
+    "command resumes an interrupted reading from the newest one. None with --no-cache.",
+)
 
 
 MAX_CACHE_GIB = 1 << 16
@@ -36,6 +45,31 @@ def open_cache(cache_dir: Path | None, cache_size: float):
 
     check_range("cache_size", cache_size, 0, MAX_CACHE_GIB, low_open=True)
     return KVCache(cache_dir, int(cache_size * (1 << 30)))
+
+
+def _read(doc) -> str:
+    """Read (or restore) the document with a bar, saying where a resumed reading starts and, on Ctrl-C, how
+    far it got and whether the same command resumes it."""
+    from ..engine.errors import Interrupted
+
+    if doc.checkpoints is not None:
+        doc.checkpoints.on_restore = lambda done, total: log(f"resuming at {_share(done, total)}")
+    progress = IngestProgress("reading document")
+    try:
+        with ctrl_c_stops() as stop:
+            return doc.load(progress, stop)
+    except Interrupted:
+        progress.close()
+        kept = doc.checkpoints.written if doc.checkpoints is not None else 0
+        again = f"; the same command resumes at {_share(kept, len(doc.doc_tokens))}" if kept else ""
+        done = max(progress.done, kept)
+        raise Interrupted(f"stopped after {_share(done, len(doc.doc_tokens))}{again}") from None
+    finally:
+        _warn(doc)
+
+
+def _share(done: int, total: int) -> str:
+    return f"{done:,} of {total:,} tokens ({done / max(total, 1):.0%})"
 
 
 def _warn(doc) -> None:
@@ -65,18 +99,32 @@ def _answer(qa, question: str) -> None:
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the ingested-document cache.")
 @cache_dir_option
 @cache_size_option
+@checkpoint_option
 @model_option
 @runtime_options
 @extend_options
 @sampling_options
 @log_options
 def qa(
-    doc_path, question, more, interactive, no_cache, cache_dir, cache_size, model, runtime, extend, sampling, verbose
+    doc_path,
+    question,
+    more,
+    interactive,
+    no_cache,
+    cache_dir,
+    cache_size,
+    checkpoint_every,
+    model,
+    runtime,
+    extend,
+    sampling,
+    verbose,
 ) -> None:
     """Answer QUESTION (and each -q) about a document far longer than the model's context.
 
     The document is ingested once; its state is cached on disk, so later questions, in this run or a later
-    one, ingest only the question.
+    one, ingest only the question. A long reading is checkpointed as it goes: interrupted (Ctrl-C, a crash),
+    the same command resumes it.
     """
     from ..engine.errors import BadInputError
     from ..tasks.documents import read_document
@@ -90,12 +138,10 @@ def qa(
     text = read_document(doc_path)
     cache = None if no_cache else open_cache(cache_dir, cache_size)
     llm = load_for_cli(model, runtime, verbose)
-    with DocumentQA(llm, text, extend, runtime, sampling, cache) as doc:
+    with DocumentQA(llm, text, extend, runtime, sampling, cache, checkpoint_every) as doc:
         describe_session(doc.session)
         start = time.perf_counter()
-        with ctrl_c_stops() as stop:
-            source = doc.load(IngestProgress("reading document"), stop)
-        _warn(doc)
+        source = _read(doc)
         seconds = time.perf_counter() - start
         n_doc = len(doc.doc_tokens)
         how = "restored from the cache" if source == "cache" else f"ingested at {n_doc / max(seconds, 1e-9):,.0f} tok/s"

@@ -10,7 +10,7 @@ import click
 
 from ..serving.limits import ServerLimits
 from .display import log, note
-from .docs import cache_dir_option, cache_size_option, open_cache
+from .docs import cache_dir_option, cache_size_option, checkpoint_option, open_cache
 from .options import extend_options, log_options, model_option, runtime_options
 from .run import load_for_cli
 
@@ -98,6 +98,7 @@ _LIMITS = ServerLimits()  # the defaults, written once there
 @click.option("--no-cache", is_flag=True, help="Do not keep read documents in the disk cache.")
 @cache_dir_option
 @cache_size_option
+@checkpoint_option
 @model_option
 @runtime_options
 @extend_options
@@ -114,6 +115,7 @@ def serve(
     no_cache,
     cache_dir,
     cache_size,
+    checkpoint_every,
     model,
     runtime,
     extend,
@@ -146,7 +148,7 @@ def serve(
     kv_cache = open_cache(cache_dir, cache_size)
     documents = kv_cache.root / "documents"
     kv = None if no_cache else kv_cache
-    app = create_app(llm, runtime, extend, api_key, limits, hosts, chosen, kv, documents)
+    app = create_app(llm, runtime, extend, api_key, limits, hosts, chosen, kv, documents, checkpoint_every)
     log(f"allocated {chosen.describe()}")
     note(StepBudget().describe())
     log(f"serving {llm.path.name} on {url_for(host, port)}/v1 (queue {queue_size}, auth {'on' if api_key else 'off'})")

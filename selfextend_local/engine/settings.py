@@ -28,6 +28,10 @@ MAX_TOP_K = 1 << 20
 MAX_TOKENS = 1 << 20
 MAX_STOPS = 4  # as the OpenAI API
 MAX_STOP_CHARS = 256
+# Seconds of a long reading between two of its checkpoints (engine/checkpoint.py); each write is also kept
+# to within 1/40 of the reading's time whatever the disk. 60 s: at most one minute of reading is lost.
+CHECKPOINT_SECONDS = 60.0
+MAX_CHECKPOINT_SECONDS = 86400.0
 
 
 def default_threads() -> int:

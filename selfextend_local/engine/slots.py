@@ -26,6 +26,7 @@ import numpy as np
 
 from . import kshift
 from .budget import StepBudget
+from .checkpoint import Checkpoints
 from .context import Context, Span
 from .errors import EngineError, Interrupted, SelfExtendError
 from .model import Model
@@ -78,7 +79,9 @@ class Request:
     polled before every step. ``plan`` is computed once, by :meth:`Engine.plan` (a caller may do it early,
     to refuse a request before it waits). With ``generate`` False the prompt is only read (evaluations,
     documents): ``prompt_logits(offset, rows)`` then receives every prompt token's logits, chunk by chunk.
-    ``held``: the prompt begins with a document to keep (:class:`Held`).
+    ``held``: the prompt begins with a document to keep (:class:`Held`). ``checkpoints``: the reading of
+    the prompt (or of the held document) is checkpointed to disk and resumed from there
+    (:mod:`.checkpoint`).
     """
 
     prompt: list[int]
@@ -94,8 +97,9 @@ class Request:
     progress: Progress | None = None  # (done, total) over the prompt, reused tokens included
     generate: bool = True
     prompt_logits: LogitsSink | None = None
-    reused: int = 0  # set when it starts: prompt tokens its slot already held
+    reused: int = 0  # set when it starts: prompt tokens its slot already held (or restored)
     held: Held | None = None
+    checkpoints: Checkpoints | None = None
 
 
 class Slot:
@@ -125,7 +129,10 @@ class Slot:
     def start(self, request: Request) -> None:
         """Serve ``request``: keep what the sequence holds of its prompt, read the rest from the next step."""
         self.request = request
-        self.reused = request.reused = self._keep_document(request) or self.sequence.reuse(request.prompt)
+        self.reused = self._keep_document(request) or self.sequence.reuse(request.prompt)
+        if request.checkpoints is not None:
+            self.reused = request.checkpoints.restore(self.sequence, self.reused)
+        request.reused = self.reused
         self.chunks = self.chunk_left = 0
         self.pending = list(request.prompt[self.reused :])
         self.sampler = Sampler(request.sampling, self.sequence.model) if request.generate else None
@@ -199,6 +206,7 @@ class Slot:
         if held and len(self.sequence.tokens) == held.length and self.sequence.held is None:
             self.sequence.hold(held.room)
             held.on_read(self.sequence)
+        self._checkpoint()
         if request.prompt_logits:
             request.prompt_logits(
                 len(request.prompt) - self.reused - len(self.pending) - len(tokens), context.logits(first, len(tokens))
@@ -211,6 +219,17 @@ class Slot:
             return True
         self._begin_reply()
         return self._sample(context, first + len(tokens) - 1)
+
+    def _checkpoint(self) -> None:
+        """After a chunk, or a piece of one: a checkpoint of the reading when one is due at a whole chunk's
+        end; the checkpoint's end once the reading is done."""
+        checkpoints = self.request.checkpoints
+        if checkpoints is None or self.chunk_left:
+            return
+        if len(self.sequence.tokens) < len(checkpoints.tokens):
+            checkpoints.after_chunk(self.sequence)
+        else:
+            checkpoints.finish(self.sequence)
 
     def _begin_reply(self) -> None:
         """The prompt is in: hold the grouping for the reply, so it moves no cell (when it fits the trained
@@ -245,6 +264,8 @@ class Slot:
         if self.stream is not None:
             request.on_chunk(self.stream.end("interrupted"))
         elif request.generate or self.pending:
+            if request.checkpoints is not None and not self.chunk_left:
+                request.checkpoints.stopped(self.sequence)
             done = len(request.prompt) - len(self.pending)
             request.on_error(Interrupted(f"stopped after {done} of {len(request.prompt)} tokens"))
 

@@ -26,6 +26,7 @@ import llama_cpp
 from fastapi import APIRouter, Request
 
 from ..engine.errors import SelfExtendError
+from ..engine.eta import Clock
 from ..engine.kvcache import tokens_digest
 from ..engine.memory import kv_bytes_per_cell
 from ..engine.planning import Plan
@@ -73,7 +74,8 @@ class Reading:
     began: float = field(default_factory=time.perf_counter)
     source: str = "read"
     over: bool = False
-    reused: int = 0  # tokens a slot held already when it began
+    reused: int = 0  # tokens a slot held already when it began (or a checkpoint gave it)
+    clock: Clock = field(default_factory=Clock)  # the time left, from the reading's own cost model
 
     def follow(self) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
@@ -100,11 +102,14 @@ class Reading:
     # -- called on the engine's thread ----------------------------------------------------------
 
     def progress(self, done: int, total: int) -> None:
-        seconds = time.perf_counter() - self.began
+        now = time.perf_counter()
+        self.clock.mark(done, now)
+        seconds = now - self.began
         rate = (done - self.reused) / seconds if seconds > 0 else 0.0
-        left = round((total - done) / rate, 1) if rate > 0 else None
+        left = self.clock.seconds_left(done, total)
         event = {"state": "reading", "done": done, "total": total, "tokens_per_second": round(rate, 1)}
-        self.loop.call_soon_threadsafe(self.publish, {**event, "seconds_left": left})
+        event.update(resumed=self.reused, seconds_left=None if left is None else round(left, 1))
+        self.loop.call_soon_threadsafe(self.publish, event)
 
     def failed(self, exc: Exception) -> None:
         self.loop.call_soon_threadsafe(self.publish, {"state": "failed", "error": error_body(exc)})
@@ -211,6 +216,8 @@ class Documents:
             return done
 
         request = EngineRequest(doc.tokens, extend=self.server.extend, generate=False, held=doc.held(restore))
+        if self.server.kv_cache is not None:
+            request.checkpoints = doc.cache.checkpoints(self.server.checkpoint_every)
         request.progress, request.on_error, request.on_finish = reading.progress, reading.failed, reading.finished
         request.on_start = lambda: _note_memory(reading, request)
         serving = self.server.serving
@@ -233,6 +240,7 @@ class Documents:
 
 def _note_memory(reading: Reading, request: EngineRequest) -> None:
     reading.reused = request.reused
+    reading.clock.mark(request.reused, time.perf_counter())  # the reading's first point: where it starts
     if request.reused == reading.total and reading.source != "disk":
         reading.source = "memory"  # a slot held it already
 
