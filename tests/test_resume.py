@@ -167,3 +167,17 @@ def _read_quietly(url: str, ident: str) -> None:
         read_events(url, ident)
     except httpx.HTTPError:
         pass  # the server was killed under it
+
+
+@pytest.mark.slow
+def test_generate_file_killed_mid_reading_resumes(document, tmp_path):
+    cache = tmp_path / "kv"
+    base = [*CLI, "generate", "--file", str(document), *SETTING, *ANSWER, "--cache-dir", str(cache)]
+    want = subprocess.run([*base, "--no-cache"], capture_output=True, text=True, timeout=600, check=True).stdout
+    proc = subprocess.Popen([*base, "--checkpoint-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kill_when(proc, lambda: checkpoint_tokens(cache) >= 768)
+    kept = checkpoint_tokens(cache)
+    done = subprocess.run([*base, "--checkpoint-every", "0"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming at {kept:,} of " in done.stderr and done.stdout == want
+    assert checkpoint_tokens(cache) == 0

@@ -227,6 +227,21 @@ def ctrl_c_stops() -> Iterator[StopFlag]:
         signal.signal(signal.SIGINT, previous)
 
 
+def token_share(done: int, total: int) -> str:
+    return f"{done:,} of {total:,} tokens ({done / max(total, 1):.0%})"
+
+
+def say_resuming(done: int, total: int) -> None:
+    """A reading resumes from its checkpoint: say where (the ``on_restore`` of :class:`Checkpoints`)."""
+    log(f"resuming at {token_share(done, total)}")
+
+
+def stopped_reading(done: int, total: int, kept: int) -> str:
+    """The one line for a reading stopped by Ctrl-C: how far it got, and whether the same command resumes."""
+    again = f"; the same command resumes at {token_share(kept, total)}" if kept else ""
+    return f"stopped after {token_share(max(done, kept), total)}{again}"
+
+
 def stats_line(chunk, plan_text: str) -> str:
     new = chunk.prompt_tokens - chunk.reused_tokens
     reused = f" ({chunk.reused_tokens} more reused from the cache)" if chunk.reused_tokens else ""

@@ -8,43 +8,31 @@ from pathlib import Path
 
 import click
 
-from ..engine.settings import CHECKPOINT_SECONDS, MAX_CHECKPOINT_SECONDS
-from .display import IngestProgress, ctrl_c_stops, line_editing, log, note, read_line, render_stream, stats_line
-from .options import extend_options, log_options, model_option, runtime_options, sampling_options
+from .display import (
+    IngestProgress,
+    ctrl_c_stops,
+    line_editing,
+    log,
+    note,
+    read_line,
+    render_stream,
+    say_resuming,
+    stats_line,
+    stopped_reading,
+)
+from .options import (
+    cache_dir_option,
+    cache_size_option,
+    checkpoint_option,
+    checkpointing_options,
+    extend_options,
+    log_options,
+    model_option,
+    open_cache,
+    runtime_options,
+    sampling_options,
+)
 from .run import describe_session, load_for_cli
-
-cache_dir_option = click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where ingested documents are cached. Default: ~/.cache/selfextend-local/kv ($SELFEXTEND_LOCAL_CACHE).",
-)
-cache_size_option = click.option(
-    "--cache-size",
-    type=float,
-    default=4.0,
-    show_default=True,
-    help="Cache size limit in GiB (least recently used go).",
-)
-checkpoint_option = click.option(
-    "--checkpoint-every",
-    type=click.FloatRange(0, MAX_CHECKPOINT_SECONDS),
-    default=CHECKPOINT_SECONDS,
-    show_default=True,
-    help="Seconds of a long reading between its checkpoints in the cache (0: after every chunk); the same "
-    "command resumes an interrupted reading from the newest one. None with --no-cache.",
-)
-
-
-MAX_CACHE_GIB = 1 << 16
-
-
-def open_cache(cache_dir: Path | None, cache_size: float):
-    from ..engine.kvcache import KVCache
-    from ..engine.settings import check_range
-
-    check_range("cache_size", cache_size, 0, MAX_CACHE_GIB, low_open=True)
-    return KVCache(cache_dir, int(cache_size * (1 << 30)))
 
 
 def _read(doc) -> str:
@@ -53,7 +41,7 @@ def _read(doc) -> str:
     from ..engine.errors import Interrupted
 
     if doc.checkpoints is not None:
-        doc.checkpoints.on_restore = lambda done, total: log(f"resuming at {_share(done, total)}")
+        doc.checkpoints.on_restore = say_resuming
     progress = IngestProgress("reading document")
     try:
         with ctrl_c_stops() as stop:
@@ -61,15 +49,9 @@ def _read(doc) -> str:
     except Interrupted:
         progress.close()
         kept = doc.checkpoints.written if doc.checkpoints is not None else 0
-        again = f"; the same command resumes at {_share(kept, len(doc.doc_tokens))}" if kept else ""
-        done = max(progress.done, kept)
-        raise Interrupted(f"stopped after {_share(done, len(doc.doc_tokens))}{again}") from None
+        raise Interrupted(stopped_reading(progress.done, len(doc.doc_tokens), kept)) from None
     finally:
         _warn(doc)
-
-
-def _share(done: int, total: int) -> str:
-    return f"{done:,} of {total:,} tokens ({done / max(total, 1):.0%})"
 
 
 def _warn(doc) -> None:
@@ -215,6 +197,7 @@ def qa(
     show_default=True,
     help="Seconds to reach the Ray cluster before giving up.",
 )
+@checkpointing_options
 @model_option
 @runtime_options
 @extend_options
@@ -231,6 +214,7 @@ def summarize(
     workers,
     gpus,
     ray_timeout,
+    checkpointing,
     model,
     runtime,
     extend,
@@ -243,7 +227,8 @@ def summarize(
     gets an error record and the run goes on; the exit code is 1 when any file has an error record. With
     --parallel N, N files are in flight at once and records are written as each completes. With --ray, the
     files are summarised by Ray workers (each loads the model once; --threads is per worker, 1 by default)
-    and this process writes the records as they arrive.
+    and this process writes the records as they arrive. A long file's reading is checkpointed as it goes
+    (not on Ray): the same command resumes an interrupted one.
     """
     from ..tasks.records import RecordLog
     from ..tasks.summarize import DEFAULT_PROMPT, Summarizer, check_prompt, plan_files, run
@@ -261,7 +246,7 @@ def summarize(
         return
     with RecordLog(out) as record_log:
         llm = load_for_cli(model, runtime, verbose)
-        summarizer = Summarizer(llm, extend, runtime, sampling, template, schema=schema)
+        summarizer = Summarizer(llm, extend, runtime, sampling, template, schema=schema, checkpointing=checkpointing)
         if schema is not None:
             from ..engine.sampling import check_grammar
 

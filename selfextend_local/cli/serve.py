@@ -10,8 +10,16 @@ import click
 
 from ..serving.limits import ServerLimits
 from .display import log, note
-from .docs import cache_dir_option, cache_size_option, checkpoint_option, open_cache
-from .options import extend_options, log_options, model_option, runtime_options
+from .options import (
+    cache_dir_option,
+    cache_size_option,
+    checkpoint_option,
+    extend_options,
+    log_options,
+    model_option,
+    open_cache,
+    runtime_options,
+)
 from .run import load_for_cli
 
 API_KEY_ENV = "SELFEXTEND_LOCAL_API_KEY"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import llama_cpp
 
@@ -182,3 +183,17 @@ class Checkpoints:
         for message in self.cache.warnings:
             self._warn(message)
         self.cache.warnings = []
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often a front end's long readings are checkpointed: a reading of at least
+    :data:`MIN_TOKENS` tokens gets :class:`Checkpoints` in ``cache`` (None: no checkpoints at all)."""
+
+    cache: KVCache | None
+    every: float = EVERY_SECONDS
+
+    def __call__(self, tokens: list[int], **kwargs) -> Checkpoints | None:
+        if self.cache is None or len(tokens) < MIN_TOKENS:
+            return None
+        return Checkpoints(self.cache, tokens, self.every, **kwargs)

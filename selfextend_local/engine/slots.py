@@ -266,8 +266,8 @@ class Slot:
         elif request.generate or self.pending:
             if request.checkpoints is not None and not self.chunk_left:
                 request.checkpoints.stopped(self.sequence)
-            done = len(request.prompt) - len(self.pending)
-            request.on_error(Interrupted(f"stopped after {done} of {len(request.prompt)} tokens"))
+            done, total = len(request.prompt) - len(self.pending), len(request.prompt)
+            request.on_error(Interrupted("stopped after {done} of {total} tokens", done=done, total=total))
 
     def release(self) -> Request | None:
         """The request is over; the cells stay for reuse, but the slot is free from now on."""

@@ -24,7 +24,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from ..engine.checkpoint import MIN_TOKENS, Checkpoints
+from ..engine.checkpoint import Checkpointing
 from ..engine.errors import InputTooLongError, Interrupted, Naming, SelfExtendError
 from ..engine.eta import Clock
 from ..engine.grammar import ReplyError
@@ -278,8 +278,8 @@ async def start(server: Server, call: Call, request: EngineRequest) -> AsyncIter
             code="queue_full",
             headers={"Retry-After": "1"},
         )
-    if request.checkpoints is None and request.held is None:
-        request.checkpoints = checkpoints_for(server, request.prompt)
+    if request.checkpoints is None and request.held is None:  # the same prompt after a restart resumes
+        request.checkpoints = Checkpointing(server.kv_cache, server.checkpoint_every)(request.prompt)
     server.serving.submit(request, call.cancelled)
     try:
         first = await call.next()  # STARTED once the engine has a slot for it, None if refused
@@ -296,14 +296,6 @@ async def start(server: Server, call: Call, request: EngineRequest) -> AsyncIter
             call.cancelled.set()  # a no-op once finished; stops generation if the client went away
 
     return events()
-
-
-def checkpoints_for(server: Server, tokens: list[int], **kwargs) -> Checkpoints | None:
-    """Checkpoints of a long prompt's reading in the server's disk cache (none without one, or for a prompt
-    read in seconds): the same prompt sent again after a restart resumes its reading."""
-    if server.kv_cache is None or len(tokens) < MIN_TOKENS:
-        return None
-    return Checkpoints(server.kv_cache, tokens, server.checkpoint_every, **kwargs)
 
 
 async def watch(request: Request, call: Call) -> None:
