@@ -86,6 +86,7 @@ class Checkpoints:
         self.warnings: list[str] = []
         self.restored = 0  # tokens the reading resumed from
         self.written = 0  # tokens in the newest checkpoint written here
+        self.writes = 0
         self.bytes_written = 0
         self.write_seconds = 0.0
         self.broken = False  # a write failed: the reading goes on without checkpoints
@@ -174,6 +175,7 @@ class Checkpoints:
             return
         took = self.clock() - began
         self.written = done
+        self.writes += 1
         self.write_seconds += took
         self.bytes_written += path.stat().st_size if path.exists() else 0
         self._due = self.clock() + max(self.every, COST_RATIO * took)

@@ -1,0 +1,126 @@
+"""What a long reading's checkpoints cost, and whether the time left it shows is right at length.
+
+A ~32k-token text (the pinned pydoc text) is read under SelfExtend G16 W1024 twice a round, with and
+without checkpoints (engine/checkpoint.py, at their default interval, into a temporary cache), alternating
+which goes first (benchlib). Printed: each reading's seconds and their ratio, the checkpoints written and
+the bytes they wrote; then, for the readings, the time left the product shows (engine/eta.py's cost
+model, fed the reading's own progress as the CLI, the page and the API feed it) at 10, 25, 50, 75 and 90%
+of the reading against the time it then really took, with the average-rate estimate at the same points.
+
+    python scripts/bench_checkpoints.py --tokens 32768 --kv-type q8_0 --rounds 1 --out docs/checkpoints.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import alternate, median_ratio, save, table
+
+from selfextend_local.engine.checkpoint import Checkpoints
+from selfextend_local.engine.eta import Clock
+from selfextend_local.engine.kvcache import KVCache
+from selfextend_local.engine.planning import Plan, align_cells
+from selfextend_local.engine.session import Session
+from selfextend_local.engine.settings import CHECKPOINT_SECONDS, RuntimeSettings
+from selfextend_local.locate import load_model
+from selfextend_local.tasks.corpus import long_tokens
+
+GROUP, WINDOW = 16, 1024
+POINTS = (0.10, 0.25, 0.50, 0.75, 0.90)
+
+
+def reading(model, tokens: list[int], kv_type: str, checkpoints: Checkpoints | None) -> dict:
+    """Read ``tokens`` in a fresh session; its seconds and the (done, time) of every step."""
+    plan = Plan(GROUP, WINDOW, "neighbor", "auto", align_cells(len(tokens)), model.info.n_ctx_train, "bench")
+    marks: list[tuple[int, float]] = []
+    with Session(model, plan, RuntimeSettings(kv_type=kv_type)) as session:
+        start = time.perf_counter()
+        marks.append((0, start))
+        session.ingest(tokens, lambda done, total: marks.append((done, time.perf_counter())), checkpoints=checkpoints)
+        seconds = time.perf_counter() - start
+    out = {"seconds": seconds, "marks": [(d, t - start) for d, t in marks]}
+    if checkpoints is not None:
+        out.update(writes=checkpoints.writes, bytes=checkpoints.bytes_written, write_seconds=checkpoints.write_seconds)
+    return out
+
+
+def estimates(marks: list[tuple[int, float]], total: int) -> list[dict]:
+    """At each point of the reading: the time left the cost model says, the average rate's, and the truth."""
+    clock, rows, end = Clock(), [], marks[-1][1]
+    points = list(POINTS)
+    for done, at in marks:
+        clock.mark(done, at)
+        if points and done >= points[0] * total and done < total:
+            shown = clock.seconds_left(done, total)
+            linear = (total - done) / (done / at) if at > 0 else None
+            rows.append({"at": points.pop(0), "done": done, "shown": shown, "linear": linear, "true": end - at})
+    return rows
+
+
+def _left(estimate: float | None, true: float) -> tuple:
+    """An estimate of the time left and its error against the truth (dashes while there is none)."""
+    if estimate is None:
+        return "-", "-"
+    return estimate, f"{(estimate - true) / true:+.1%}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--kv-type", default="q8_0")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--every", type=float, default=CHECKPOINT_SECONDS, help="seconds between checkpoints")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    model = load_model()
+    tokens = long_tokens(model, args.tokens)
+    with tempfile.TemporaryDirectory(prefix="bench-checkpoints-") as tmp:
+
+        def with_checkpoints() -> dict:
+            cache = KVCache(Path(tmp) / f"kv-{time.time_ns()}", limit=1 << 40)
+            return reading(model, tokens, args.kv_type, Checkpoints(cache, tokens, args.every))
+
+        pairs = alternate(lambda: reading(model, tokens, args.kv_type, None), with_checkpoints, args.rounds)
+    rows = [
+        [
+            i + 1,
+            a["seconds"],
+            b["seconds"],
+            b["seconds"] / a["seconds"],
+            b["writes"],
+            b["bytes"] / 2**20,
+            b["write_seconds"],
+        ]
+        for i, (a, b) in enumerate(pairs)
+    ]
+    table(["round", "without (s)", "with (s)", "with/without", "checkpoints", "MiB written", "writing (s)"], rows)
+    ratio = median_ratio([(a["seconds"], b["seconds"]) for a, b in pairs])
+    print(f"median with/without: {ratio:.3f} ({args.tokens:,} tokens, {args.kv_type}, every {args.every:g} s)")
+    clock_rows = []
+    for i, pair in enumerate(pairs):
+        for side, run in zip(("without", "with"), pair):
+            for e in estimates(run["marks"], args.tokens):
+                shown, linear = _left(e["shown"], e["true"]), _left(e["linear"], e["true"])
+                clock_rows.append([i + 1, side, f"{e['at']:.0%}", e["true"], *shown, *linear])
+    header = ["round", "reading", "at", "left really (s)", "left shown (s)", "error", "average rate's (s)", "its error"]
+    table(header, clock_rows)
+    save(
+        args.out,
+        {
+            "tokens": args.tokens,
+            "kv_type": args.kv_type,
+            "every": args.every,
+            "ratio": ratio,
+            "rounds": [{"without": a, "with": b} for a, b in pairs],
+            "time_left": clock_rows,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
