@@ -167,12 +167,12 @@ OPENED = ("Already read.", "Opened from the disk cache.")  # a document read bef
 QUICK = {"settings": {"max-tokens": "24", "temperature": "0"}}  # short answers: the tests wait less
 SEEN = """() => {
     // What the page showed at any moment, so a test cannot miss a state that lasted a second.
-    const seen = window.seen = { left: null, listed: false };
+    const seen = window.seen = { left: [], listed: false };
     new MutationObserver((records) => {
         for (const r of records) {
             const where = r.target.nodeType === 1 ? r.target : r.target.parentElement;
             for (const n of r.addedNodes) {
-                if (where && where.id === 'doc-time' && /left/.test(n.textContent)) seen.left = n.textContent;
+                if (where && where.id === 'doc-status' && / left$/.test(n.textContent)) seen.left.push(n.textContent);
             }
         }
         if (document.querySelector('#documents li.reading')) seen.listed = true;
@@ -307,13 +307,15 @@ def test_a_reading_shows_its_time_left_in_every_tab(browser, server):
     other.wait_for_function("document.getElementById('model').textContent.length > 0")
     page.evaluate(SEEN)
     other.evaluate(SEEN)
-    drop(page, "long.txt", text_of(7, chars=3600))  # ~900 tokens: a reading of two chunks
+    drop(page, "long.txt", text_of(7, chars=6400))  # ~1,600 tokens: chunks enough for an estimate midway
     other.wait_for_function("window.seen.listed", timeout=120_000)
     shot(other, "reading-other-tab-phone")
-    page.wait_for_function("window.seen.left !== null", timeout=120_000)
+    page.wait_for_function("window.seen.left.length > 0", timeout=120_000)
     shot(page, "reading-desktop")
     wait_status(page, "Read in", timeout=120_000)
     assert page.evaluate("window.seen.listed")
+    said = [re.match(r"([\d,]+) of ([\d,]+) tokens .* about \d+ (s|min) left", t) for t in page.evaluate("seen.left")]
+    assert any(m and int(m[1].replace(",", "")) < int(m[2].replace(",", "")) for m in said), said
     assert page.inner_text("#doc-time").startswith("read in"), page.inner_text("#doc-time")
     assert "unknown" not in page.inner_text("#doc-facts")
     other.wait_for_function("!document.querySelector('#documents li.reading')", timeout=10_000)

@@ -614,8 +614,9 @@ function showProgress(card, event) {
   bar.value = event.done;
   const rate = event.tokens_per_second ? ` · ${number(Math.round(event.tokens_per_second))} tok/s` : "";
   const left = event.seconds_left != null ? ` · about ${duration(event.seconds_left)} left` : "";
-  $("doc-status").textContent = `${number(event.done)} of ${number(event.total)} tokens${rate}${left}`;
-  setTime(event.seconds_left != null ? `about ${duration(event.seconds_left)} left` : "estimated after the first part");
+  const resumed = event.resumed > 0 && event.resumed < event.total ? ` (resumed at ${number(event.resumed)})` : "";
+  $("doc-status").textContent = `${number(event.done)} of ${number(event.total)} tokens${resumed}${rate}${left}`;
+  setTime(event.seconds_left != null ? `about ${duration(event.seconds_left)} left` : "estimated once a few parts are read");
   markListed(card.id, event);
 }
 
