@@ -211,6 +211,9 @@ def test_capacity_by_memory(model):
     assert roomy.slots == DEFAULT_SLOTS and roomy.cells == 26624  # what G4 W2048 reaches on an 8k model
     tight = choose(model, runtime, ExtendSettings(), memory=1 << 30)  # 0.5 GiB for the KV cache
     assert tight.slots * tight.cells * 23040 <= (1 << 29) and tight.slots >= 1
+    assert roomy.reason.startswith(f"{DEFAULT_SLOTS} slots (the default);"), roomy.reason  # serve's start-up line
+    few = choose(model, runtime, ExtendSettings(), memory=3 * 26624 * 23040 * 2)  # room for 3 slots
+    assert few.reason.startswith(f"3 slots, fewer than the default {DEFAULT_SLOTS}, as half"), few.reason
     given = choose(model, RuntimeSettings(ctx=4096), ExtendSettings(), slots=8, memory=64 << 30)
     assert (given.slots, given.cells) == (8, 4096)
 

@@ -71,7 +71,8 @@ def choose(
     if slots is None:
         fit = budget // wanted if budget else DEFAULT_SLOTS
         slots = max(1, min(DEFAULT_SLOTS, fit))
-        reason = f"{slots} as the default is {DEFAULT_SLOTS} where half the available memory holds them"
+        fewer = f", fewer than the default {DEFAULT_SLOTS}, as half the available memory holds no more"
+        reason = f"{slots} slot{'s' if slots > 1 else ''}{fewer if slots < DEFAULT_SLOTS else ' (the default)'}"
     else:
         reason = "as many slots as asked"
     if not cells and budget and slots * wanted > budget:
