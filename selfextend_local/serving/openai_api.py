@@ -364,10 +364,8 @@ async def chat_completions(request: Request):
 
 
 async def about_document(request: Request, req: ChatRequest, messages: list[dict]):
-    """A question on a document given to the server (:mod:`.documents_api`), answered as ``qa`` does: the
-    last user message is the question; the document is read with the server's setting, and the question
-    and answer fit the room held after it."""
-    from .documents_api import MAX_ANSWER, documents_of
+    """A question on a document given to the server: see :func:`.documents_api.ask`."""
+    from .documents_api import MAX_ANSWER, ask
 
     if req.selfextend is not None:
         raise APIError(400, "a document is read with the server's setting; leave out selfextend", param="selfextend")
@@ -376,13 +374,7 @@ async def about_document(request: Request, req: ChatRequest, messages: list[dict
     asked = [m["content"] for m in messages if m["role"] == "user"]
     if not asked or not asked[-1].strip():
         raise APIError(400, "a question about a document is the last user message; it is empty", param="messages")
-    server = server_of(request)
-    doc = await off_loop(server, documents_of(request).document, req.document)
-    try:
-        tokens = await off_loop(server, doc.question, asked[-1])
-    except SelfExtendError as exc:
-        raise APIError.of(exc, http_naming("messages")) from None
-    return await respond(request, req, tokens, chat=True, held=doc.held())
+    return await ask(request, req, asked[-1])
 
 
 @router.post("/v1/completions")
