@@ -125,7 +125,7 @@ def test_one_reading_for_every_tab_and_question_on_a_document(served):
     first follower leaving does not stop it; the question waits for it and uses it (no second reading in
     another slot), its stream reporting the reading's progress."""
     url, _ = served
-    card = put(url, pydoc_text()[20000:27000].encode(), "shared.txt").json()  # ~1.7k tokens
+    card = put(url, pydoc_text()[20000:24500].encode(), "shared.txt").json()  # ~1.1k tokens
     ident, total = card["id"], card["tokens"]
     first, second, began, joined = [], [], threading.Event(), threading.Event()
     leaving = threading.Thread(target=follow, args=(url, ident, first, began, joined))
