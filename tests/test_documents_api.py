@@ -149,3 +149,17 @@ def test_one_reading_for_every_tab_and_question_on_a_document(served):
     usage = httpx.post(f"{url}/v1/chat/completions", json={**ask, "stream": False}, timeout=300).json()["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] >= total  # the document as the reading left it
     assert httpx.get(f"{url}/v1/documents/{ident}").json()["reading"] is None
+
+
+def test_a_reading_left_and_followed_again_at_once_is_read_for_the_new_follower(served):
+    """The last follower leaves, and another follows before the cancelled reading is over: the newcomer
+    gets a reading of its own to the end (it was handed the dying one: "stopped after 256 of 443 tokens")."""
+    url, _ = served
+    ident = put(url, pydoc_text()[40000:41600].encode(), "again.txt").json()["id"]
+    leave = threading.Event()
+    leave.set()
+    first: list[dict] = []
+    follow(url, ident, first, threading.Event(), leave)  # gone at its first event
+    second: list[dict] = []
+    follow(url, ident, second, threading.Event())
+    assert second[-1]["state"] == "ready", second[-1]
