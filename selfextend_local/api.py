@@ -17,8 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .engine import scheduler
+from .engine.checkpoint import Checkpointing
 from .engine.errors import PYTHON, BadInputError, SelfExtendError
 from .engine.grammar import Structure, response_format_structure
+from .engine.kvcache import KVCache
 from .engine.planning import Plan, plan_for
 from .engine.sampling import Chunk, check_grammar
 from .engine.scheduler import Scheduler
@@ -160,6 +162,7 @@ _TYPES = {
     "schedule": ((str,), "a schedule's name"),
     "division": ((str,), "a division's name"),
     "kv_type": ((str,), "a KV cache type's name"),
+    "checkpoints": ((bool,), "True or False"),
     "prompt": ((str, list), "text or a list of tokens"),
     "messages": ((list,), "a list of {role, content} dicts"),
     "max_tokens": ((int, type(None)), "a whole number, or None"),
@@ -239,7 +242,9 @@ class Llama:
     ``model_path`` defaults to the bundled SmolLM2-135M (a path, a registry name or ``REPO:QUANT`` also
     work). ``n_ctx`` is the KV cells to allocate; None or 0 plans them for each prompt. ``group``,
     ``window``, ``schedule`` and ``division`` are SelfExtend's (None: planned for each prompt's length).
-    ``verbose`` shows llama.cpp's own log.
+    ``verbose`` shows llama.cpp's own log. ``checkpoints``: a long prompt's reading is checkpointed in the
+    disk cache as it goes (``$SELFEXTEND_LOCAL_CACHE``, else ~/.cache/selfextend-local/kv; bounded, least
+    recently used first), and the same prompt given again after the process died resumes it.
     """
 
     def __init__(
@@ -257,6 +262,7 @@ class Llama:
         schedule: str = ExtendSettings.schedule,
         division: str = ExtendSettings.division,
         kv_type: str = RuntimeSettings.kv_type,
+        checkpoints: bool = True,
         **kwargs,
     ) -> None:
         from .engine import llama_log
@@ -277,6 +283,7 @@ class Llama:
                 "schedule": schedule,
                 "division": division,
                 "kv_type": kv_type,
+                "checkpoints": checkpoints,
             }
         )
         with _python_names():
@@ -292,6 +299,7 @@ class Llama:
         self.seed = None if seed in (LLAMA_DEFAULT_SEED, -1) else seed
         self._session: Session | None = None
         self._turn = _OneCallAtATime()
+        self._checkpointing = Checkpointing(KVCache() if checkpoints else None)
 
     @classmethod
     def from_pretrained(cls, repo_id: str, filename: str | None = None, **kwargs) -> Llama:
@@ -491,7 +499,8 @@ class Llama:
     def _chunks(self, call: _Call) -> Iterator[Chunk]:
         with self._turn.held(), _python_names():
             session = self._session_for(call)
-            yield from run(session, Request(call.tokens, call.sampling))
+            request = Request(call.tokens, call.sampling, checkpoints=self._checkpointing(call.tokens))
+            yield from run(session, request)
 
     def _whole(self, call: _Call) -> dict:
         parts, last = [call.echo], None

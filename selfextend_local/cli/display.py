@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import click
 
+from ..engine.eta import Clock
+
 
 def log(message: str) -> None:
     click.echo(message, err=True)
@@ -112,13 +114,20 @@ def _warn_once(message: str) -> None:
 class IngestProgress:
     """A ``(done, total)`` callback for long work, on stderr.
 
-    On a terminal: a bar with the rate. Otherwise (a log file, a pipe, CI): one line when work starts, then
-    one every ``every`` seconds ($SELFEXTEND_LOCAL_PROGRESS_SECONDS, default 10) and one at the end, each
-    with done/total, the rate and the time left.
+    On a terminal: a bar with the rate and the time left. Otherwise (a log file, a pipe, CI): one line when
+    work starts, then one every ``every`` seconds ($SELFEXTEND_LOCAL_PROGRESS_SECONDS, default 10) and one
+    at the end, each with done/total, the rate and the time left. With ``costly`` (a prompt read: each
+    token costs more than the one before it) the time left comes from the reading's cost model
+    (:class:`~..engine.eta.Clock`), else from the rate so far (files of a batch cost alike).
     """
 
     def __init__(
-        self, label: str = "ingesting", unit: str = "tokens", rate_unit: str = "tok/s", per_minute: bool = False
+        self,
+        label: str = "ingesting",
+        unit: str = "tokens",
+        rate_unit: str = "tok/s",
+        per_minute: bool = False,
+        costly: bool = True,
     ) -> None:
         self.label = label
         self.unit = unit
@@ -130,11 +139,14 @@ class IngestProgress:
         self.done = 0
         self.printed = float("-inf")
         self.every = progress_seconds()
+        self.clock = Clock() if costly else None
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
         if self.start is None:
             self.start, self.first = now, done
+        if self.clock is not None:
+            self.clock.mark(done, now)
         if sys.stderr.isatty():
             self._draw(done, total)
         elif done >= total or now - self.printed >= self.every:
@@ -153,11 +165,16 @@ class IngestProgress:
         text = f"{self.label}: {done:,}/{total:,} {self.unit} ({100 * done / max(total, 1):.0f}%)"
         if rate > 0:
             text += f", {rate * self.scale:,.1f} {self.rate_unit}"
-            if done < total:
-                text += f", about {_duration((total - done) / rate)} left"
+            if done < total and (left := self.seconds_left(done, total, rate)) is not None:
+                text += f", about {_duration(left)} left"
         if done >= total and self.start is not None:
             text += f", done in {_duration(now - self.start)}"
         return text
+
+    def seconds_left(self, done: int, total: int, rate: float) -> float | None:
+        if self.clock is None:
+            return (total - done) / rate
+        return self.clock.seconds_left(done, total)
 
     def _draw(self, done: int, total: int) -> None:
         if self.bar is None:
@@ -169,7 +186,13 @@ class IngestProgress:
 
     def _rate(self, done: int | None) -> str:
         rate = self.rate(done or 0, time.perf_counter())
-        return f"{rate * self.scale:,.1f} {self.rate_unit}" if rate > 0 else ""
+        if rate <= 0:
+            return ""
+        text = f"{rate * self.scale:,.1f} {self.rate_unit}"
+        total = self.bar.length if self.bar is not None else 0
+        if done is not None and done < total and (left := self.seconds_left(done, total, rate)) is not None:
+            text += f", {_duration(left)} left"
+        return text
 
     def close(self) -> None:
         if self.bar is not None:
@@ -202,6 +225,21 @@ def ctrl_c_stops() -> Iterator[StopFlag]:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def token_share(done: int, total: int) -> str:
+    return f"{done:,} of {total:,} tokens ({done / max(total, 1):.0%})"
+
+
+def say_resuming(done: int, total: int) -> None:
+    """A reading resumes from its checkpoint: say where (the ``on_restore`` of :class:`Checkpoints`)."""
+    log(f"resuming at {token_share(done, total)}")
+
+
+def stopped_reading(done: int, total: int, kept: int) -> str:
+    """The one line for a reading stopped by Ctrl-C: how far it got, and whether the same command resumes."""
+    again = f"; the same command resumes at {token_share(kept, total)}" if kept else ""
+    return f"stopped after {token_share(max(done, kept), total)}{again}"
 
 
 def stats_line(chunk, plan_text: str) -> str:

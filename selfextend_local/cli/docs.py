@@ -8,34 +8,50 @@ from pathlib import Path
 
 import click
 
-from .display import IngestProgress, ctrl_c_stops, line_editing, log, note, read_line, render_stream, stats_line
-from .options import extend_options, log_options, model_option, runtime_options, sampling_options
+from .display import (
+    IngestProgress,
+    ctrl_c_stops,
+    line_editing,
+    log,
+    note,
+    read_line,
+    render_stream,
+    say_resuming,
+    stats_line,
+    stopped_reading,
+)
+from .options import (
+    cache_dir_option,
+    cache_size_option,
+    checkpoint_option,
+    checkpointing_options,
+    extend_options,
+    log_options,
+    model_option,
+    open_cache,
+    runtime_options,
+    sampling_options,
+)
 from .run import describe_session, load_for_cli
 
-cache_dir_option = click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where ingested documents are cached. Default: ~/.cache/selfextend-local/kv ($SELFEXTEND_LOCAL_CACHE).",
-)
-cache_size_option = click.option(
-    "--cache-size",
-    type=float,
-    default=4.0,
-    show_default=True,
-    help="Cache size limit in GiB (least recently used go).",
-)
 
+def _read(doc) -> str:
+    """Read (or restore) the document with a bar, saying where a resumed reading starts and, on Ctrl-C, how
+    far it got and whether the same command resumes it."""
+    from ..engine.errors import Interrupted
 
-MAX_CACHE_GIB = 1 << 16
-
-
-def open_cache(cache_dir: Path | None, cache_size: float):
-    from ..engine.kvcache import KVCache
-    from ..engine.settings import check_range
-
-    check_range("cache_size", cache_size, 0, MAX_CACHE_GIB, low_open=True)
-    return KVCache(cache_dir, int(cache_size * (1 << 30)))
+    if doc.checkpoints is not None:
+        doc.checkpoints.on_restore = say_resuming
+    progress = IngestProgress("reading document")
+    try:
+        with ctrl_c_stops() as stop:
+            return doc.load(progress, stop)
+    except Interrupted:
+        progress.close()
+        kept = doc.checkpoints.written if doc.checkpoints is not None else 0
+        raise Interrupted(stopped_reading(progress.done, len(doc.doc_tokens), kept)) from None
+    finally:
+        _warn(doc)
 
 
 def _warn(doc) -> None:
@@ -65,18 +81,32 @@ def _answer(qa, question: str) -> None:
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the ingested-document cache.")
 @cache_dir_option
 @cache_size_option
+@checkpoint_option
 @model_option
 @runtime_options
 @extend_options
 @sampling_options
 @log_options
 def qa(
-    doc_path, question, more, interactive, no_cache, cache_dir, cache_size, model, runtime, extend, sampling, verbose
+    doc_path,
+    question,
+    more,
+    interactive,
+    no_cache,
+    cache_dir,
+    cache_size,
+    checkpoint_every,
+    model,
+    runtime,
+    extend,
+    sampling,
+    verbose,
 ) -> None:
     """Answer QUESTION (and each -q) about a document far longer than the model's context.
 
     The document is ingested once; its state is cached on disk, so later questions, in this run or a later
-    one, ingest only the question.
+    one, ingest only the question. A long reading is checkpointed as it goes: interrupted (Ctrl-C, a crash),
+    the same command resumes it.
     """
     from ..engine.errors import BadInputError
     from ..tasks.documents import read_document
@@ -90,12 +120,10 @@ def qa(
     text = read_document(doc_path)
     cache = None if no_cache else open_cache(cache_dir, cache_size)
     llm = load_for_cli(model, runtime, verbose)
-    with DocumentQA(llm, text, extend, runtime, sampling, cache) as doc:
+    with DocumentQA(llm, text, extend, runtime, sampling, cache, checkpoint_every) as doc:
         describe_session(doc.session)
         start = time.perf_counter()
-        with ctrl_c_stops() as stop:
-            source = doc.load(IngestProgress("reading document"), stop)
-        _warn(doc)
+        source = _read(doc)
         seconds = time.perf_counter() - start
         n_doc = len(doc.doc_tokens)
         how = "restored from the cache" if source == "cache" else f"ingested at {n_doc / max(seconds, 1e-9):,.0f} tok/s"
@@ -169,6 +197,7 @@ def qa(
     show_default=True,
     help="Seconds to reach the Ray cluster before giving up.",
 )
+@checkpointing_options
 @model_option
 @runtime_options
 @extend_options
@@ -185,6 +214,7 @@ def summarize(
     workers,
     gpus,
     ray_timeout,
+    checkpointing,
     model,
     runtime,
     extend,
@@ -197,7 +227,8 @@ def summarize(
     gets an error record and the run goes on; the exit code is 1 when any file has an error record. With
     --parallel N, N files are in flight at once and records are written as each completes. With --ray, the
     files are summarised by Ray workers (each loads the model once; --threads is per worker, 1 by default)
-    and this process writes the records as they arrive.
+    and this process writes the records as they arrive. A long file's reading is checkpointed as it goes
+    (not on Ray): the same command resumes an interrupted one.
     """
     from ..tasks.records import RecordLog
     from ..tasks.summarize import DEFAULT_PROMPT, Summarizer, check_prompt, plan_files, run
@@ -215,7 +246,7 @@ def summarize(
         return
     with RecordLog(out) as record_log:
         llm = load_for_cli(model, runtime, verbose)
-        summarizer = Summarizer(llm, extend, runtime, sampling, template, schema=schema)
+        summarizer = Summarizer(llm, extend, runtime, sampling, template, schema=schema, checkpointing=checkpointing)
         if schema is not None:
             from ..engine.sampling import check_grammar
 
@@ -260,7 +291,7 @@ def _scheduler_for(summarizer, parallel: int, files):
 
 def _report(records, record_log, files, total: int, out: Path) -> None:
     """Append each record as it comes, with progress over the files; exit 1 while error records remain."""
-    progress = IngestProgress("summarising", unit="files", rate_unit="files/min", per_minute=True)
+    progress = IngestProgress("summarising", unit="files", rate_unit="files/min", per_minute=True, costly=False)
     failed = done = 0
     start = time.perf_counter()
     for record in records:

@@ -264,7 +264,7 @@ def dequantize_cmd(source: Path, target: Path) -> None:
         from ..engine.errors import BadInputError
 
         raise BadInputError(f"{target} exists; remove it or choose another name")
-    (out,) = rewrite_gguf(source, target, to_f16=True, progress=IngestProgress("dequantizing tensors"))
+    (out,) = rewrite_gguf(source, target, to_f16=True, progress=IngestProgress("dequantizing tensors", costly=False))
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 

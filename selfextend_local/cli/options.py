@@ -7,13 +7,16 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
 from ..engine.settings import (
+    CHECKPOINT_SECONDS,
     DIVISIONS,
     FLASH_ATTN,
     KV_TYPES,
+    MAX_CHECKPOINT_SECONDS,
     SCHEDULES,
     ExtendSettings,
     RuntimeSettings,
@@ -163,6 +166,60 @@ sampling_options = _bundle(
         temperature, top_k, top_p, seed, max_tokens, tuple(stop)
     ),
 )
+
+
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where ingested documents are cached. Default: ~/.cache/selfextend-local/kv ($SELFEXTEND_LOCAL_CACHE).",
+)
+cache_size_option = click.option(
+    "--cache-size",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="Cache size limit in GiB (least recently used go).",
+)
+checkpoint_option = click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(0, MAX_CHECKPOINT_SECONDS),
+    default=CHECKPOINT_SECONDS,
+    show_default=True,
+    help="Seconds of a long reading between its checkpoints in the cache (0: after every chunk); the same "
+    "command resumes an interrupted reading from the newest one. None with --no-cache.",
+)
+
+
+MAX_CACHE_GIB = 1 << 16
+
+
+def open_cache(cache_dir: Path | None, cache_size: float):
+    from ..engine.kvcache import KVCache
+    from ..engine.settings import check_range
+
+    check_range("cache_size", cache_size, 0, MAX_CACHE_GIB, low_open=True)
+    return KVCache(cache_dir, int(cache_size * (1 << 30)))
+
+
+checkpointing_options = _bundle(
+    "checkpointing",
+    [
+        click.option("--no-cache", is_flag=True, help="No checkpoints of a long reading."),
+        cache_dir_option,
+        cache_size_option,
+        checkpoint_option,
+    ],
+    lambda no_cache, cache_dir, cache_size, checkpoint_every: _checkpointing(
+        None if no_cache else open_cache(cache_dir, cache_size), checkpoint_every
+    ),
+)
+
+
+def _checkpointing(cache, every: float):
+    from ..engine.checkpoint import Checkpointing
+
+    return Checkpointing(cache, every)
 
 
 def log_options(f: Callable) -> Callable:

@@ -8,8 +8,25 @@ from pathlib import Path
 import click
 
 from ..engine.errors import BadInputError
-from .display import is_verbose, line_editing, log, note, read_line, render_stream, stats_line
-from .options import extend_options, log_options, model_option, runtime_options, sampling_options
+from .display import (
+    is_verbose,
+    line_editing,
+    log,
+    note,
+    read_line,
+    render_stream,
+    say_resuming,
+    stats_line,
+    stopped_reading,
+)
+from .options import (
+    checkpointing_options,
+    extend_options,
+    log_options,
+    model_option,
+    runtime_options,
+    sampling_options,
+)
 
 
 def load_for_cli(model_spec, runtime, verbose_flag: bool):
@@ -95,13 +112,16 @@ def _read_prompt(prompt: str | None, file) -> str:
 @click.option("--file", "-f", type=click.Path(path_type=Path), help="Read the prompt from a file.")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the model's chat template.")
 @click.option("--system", default=None, help="A system message (with the chat template).")
+@checkpointing_options
 @model_option
 @runtime_options
 @extend_options
 @sampling_options
 @log_options
-def generate(prompt, file, raw, system, model, runtime, extend, sampling, verbose) -> None:
-    """Answer PROMPT (an argument, --file, or stdin), streamed to stdout."""
+def generate(prompt, file, raw, system, checkpointing, model, runtime, extend, sampling, verbose) -> None:
+    """Answer PROMPT (an argument, --file, or stdin), streamed to stdout. A long prompt's reading is
+    checkpointed as it goes: interrupted (Ctrl-C, a crash), the same command resumes it."""
+    from ..engine.errors import Interrupted
     from ..engine.generate import stream_generate
     from ..engine.session import open_session
 
@@ -112,9 +132,22 @@ def generate(prompt, file, raw, system, model, runtime, extend, sampling, verbos
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         tokens = llm.chat_tokens(messages) if llm.info.chat_template else llm.tokenize(text)
+    checkpoints = checkpointing(tokens, on_restore=say_resuming)
     with open_session(llm, len(tokens) + sampling.max_tokens, extend, runtime, generate=sampling.max_tokens) as session:
         describe_session(session)
-        last = render_stream(lambda progress, stop: stream_generate(session, tokens, sampling, progress, stop))
+        try:
+            last = render_stream(
+                lambda progress, stop: stream_generate(
+                    session, tokens, sampling, progress, stop, checkpoints=checkpoints
+                )
+            )
+        except Interrupted as exc:
+            if checkpoints is None:
+                raise
+            raise Interrupted(stopped_reading(exc.fields.get("done", 0), len(tokens), checkpoints.written)) from None
+        finally:
+            for warning in checkpoints.warnings if checkpoints else ():
+                log(f"warning: {warning}")
         if last is not None:
             note(stats_line(last, session.plan.describe()))
 

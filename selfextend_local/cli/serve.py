@@ -9,9 +9,17 @@ import socket
 import click
 
 from ..serving.limits import ServerLimits
-from .display import log
-from .docs import cache_dir_option, cache_size_option, open_cache
-from .options import extend_options, log_options, model_option, runtime_options
+from .display import log, note
+from .options import (
+    cache_dir_option,
+    cache_size_option,
+    checkpoint_option,
+    extend_options,
+    log_options,
+    model_option,
+    open_cache,
+    runtime_options,
+)
 from .run import load_for_cli
 
 API_KEY_ENV = "SELFEXTEND_LOCAL_API_KEY"
@@ -98,6 +106,7 @@ _LIMITS = ServerLimits()  # the defaults, written once there
 @click.option("--no-cache", is_flag=True, help="Do not keep read documents in the disk cache.")
 @cache_dir_option
 @cache_size_option
+@checkpoint_option
 @model_option
 @runtime_options
 @extend_options
@@ -114,6 +123,7 @@ def serve(
     no_cache,
     cache_dir,
     cache_size,
+    checkpoint_every,
     model,
     runtime,
     extend,
@@ -131,6 +141,7 @@ def serve(
     import uvicorn
 
     from ..engine import scheduler
+    from ..engine.budget import StepBudget
     from ..serving.app import UvicornServer, create_app, loopback_hosts
 
     api_key = api_key or os.environ.get(API_KEY_ENV)
@@ -145,8 +156,9 @@ def serve(
     kv_cache = open_cache(cache_dir, cache_size)
     documents = kv_cache.root / "documents"
     kv = None if no_cache else kv_cache
-    app = create_app(llm, runtime, extend, api_key, limits, hosts, chosen, kv, documents)
+    app = create_app(llm, runtime, extend, api_key, limits, hosts, chosen, kv, documents, checkpoint_every)
     log(f"allocated {chosen.describe()}")
+    note(StepBudget().describe())
     log(f"serving {llm.path.name} on {url_for(host, port)}/v1 (queue {queue_size}, auth {'on' if api_key else 'off'})")
     log(f"the page: {url_for(host, port)}/")
     # A stop (Ctrl-C, SIGTERM) cancels every request, then waits this long for open streams to end.

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .checkpoint import Checkpoints
 from .sampling import Chunk
 from .session import Session, run
 from .settings import SamplingSettings
@@ -21,14 +22,16 @@ def stream_generate(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_logits: Callable[[np.ndarray], None] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> Iterator[Chunk]:
     """Ingest the prompt (reusing any cached prefix), then stream the reply as text chunks.
 
     ``on_logits`` receives the logits each token is sampled from (for evaluations). Generated tokens do
     not move the cache when the reply fits the trained positions (:meth:`Session.hold`): no K-shift is
-    paid per token, and the next prompt that extends this one reuses all of it.
+    paid per token, and the next prompt that extends this one reuses all of it. ``checkpoints``: the
+    prompt's reading is checkpointed and resumed (:mod:`.checkpoint`).
     """
-    request = Request(list(prompt_tokens), sampling, progress=progress, on_logits=on_logits)
+    request = Request(list(prompt_tokens), sampling, progress=progress, on_logits=on_logits, checkpoints=checkpoints)
     yield from run(session, request, should_stop)
 
 

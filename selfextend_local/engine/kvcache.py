@@ -81,7 +81,7 @@ def _recognised(path: Path) -> str | None:
     file, are ever deleted."""
     try:
         info = path.lstat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (nothing can be there: the folder is a file)
         return "it is gone"
     except OSError as exc:
         return exc.strerror or str(exc)
@@ -228,6 +228,10 @@ class KVCache:
         if hasher.digest() != stored or header_start <= 0:
             raise ValueError("checksum mismatch")
         return meta
+
+    def remove(self, identity: dict) -> bool:
+        """Delete the entry for ``identity`` (one superseded: a reading's checkpoint once it is done)."""
+        return self._remove(self._path(self.key(identity)))
 
     def discard(self, identity: dict, reason: str = "llama.cpp would not restore it") -> None:
         """Delete the entry for ``identity`` (one that failed to restore, say)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 
+from .checkpoint import Checkpoints
 from .context import Context, RopeOverride
 from .errors import ModelError
 from .model import Model
@@ -54,15 +55,18 @@ class Session(Sequence):
         progress: Progress | None = None,
         on_logits: LogitsSink | None = None,
         should_stop: Callable[[], bool] | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
         """Append ``tokens`` in chunks. ``progress(done, total)`` after each chunk; with ``on_logits``,
         every token's logits as ``on_logits(offset, rows)`` (``offset`` indexes ``tokens``); ``should_stop``
-        is polled between chunks (raises Interrupted)."""
+        is polled between chunks (raises Interrupted); ``checkpoints`` of the whole reading (the session's
+        tokens and ``tokens``) resume it and keep it (:mod:`.checkpoint`)."""
         if not tokens:
             return
         base = len(self.tokens)
         shifted = (lambda done, total: progress(done - base, total - base)) if progress else None
         request = Request(list(self.tokens) + list(tokens), generate=False, prompt_logits=on_logits, progress=shifted)
+        request.checkpoints = checkpoints
         for _ in run(self, request, should_stop):
             pass
 

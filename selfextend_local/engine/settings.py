@@ -32,6 +32,10 @@ MAX_SEED = 1 << 64  # a seed is taken modulo 2**32; beyond 64 bits a number is a
 MAX_REPEAT_PENALTY = 10.0  # llama.cpp divides a repeated token's logit by it: beyond, every repeat is gone
 MAX_PENALTY = 2.0  # presence and frequency, as the OpenAI API
 MAX_REPEAT_LAST_N = 1 << 16  # llama.cpp keeps a ring of this many tokens a request
+# Seconds of a long reading between two of its checkpoints (engine/checkpoint.py); each write is also kept
+# to within 1/40 of the reading's time whatever the disk. 60 s: at most one minute of reading is lost.
+CHECKPOINT_SECONDS = 60.0
+MAX_CHECKPOINT_SECONDS = 86400.0
 
 
 def default_threads() -> int:

@@ -25,6 +25,8 @@ import llama_cpp
 import numpy as np
 
 from . import kshift
+from .budget import StepBudget
+from .checkpoint import Checkpoints
 from .context import Context, Span
 from .errors import EngineError, Interrupted, SelfExtendError
 from .model import Model
@@ -35,11 +37,10 @@ from .sequence import Sequence
 from .settings import ExtendSettings, RuntimeSettings, SamplingSettings
 
 Progress = Callable[[int, int], None]
-# A reading of more than LONG_READING tokens goes PIECE tokens a step while other slots generate: at 8k
-# tokens of context a whole chunk of 512 takes seconds on a laptop's CPU, and each generated token of a
-# chat beside it would wait that long.
+# A reading of more than LONG_READING tokens goes in pieces while other slots generate (:mod:`.budget`): at
+# 8k tokens of context a whole chunk of 512 takes seconds on a laptop's CPU, and each generated token of a
+# chat beside it would wait that long. Shorter prompts (a chat's own) are read in whole chunks.
 LONG_READING = 2048
-PIECE = 64
 LogitsSink = Callable[[int, np.ndarray], None]
 
 
@@ -78,7 +79,9 @@ class Request:
     polled before every step. ``plan`` is computed once, by :meth:`Engine.plan` (a caller may do it early,
     to refuse a request before it waits). With ``generate`` False the prompt is only read (evaluations,
     documents): ``prompt_logits(offset, rows)`` then receives every prompt token's logits, chunk by chunk.
-    ``held``: the prompt begins with a document to keep (:class:`Held`).
+    ``held``: the prompt begins with a document to keep (:class:`Held`). ``checkpoints``: the reading of
+    the prompt (or of the held document) is checkpointed to disk and resumed from there
+    (:mod:`.checkpoint`).
     """
 
     prompt: list[int]
@@ -94,8 +97,9 @@ class Request:
     progress: Progress | None = None  # (done, total) over the prompt, reused tokens included
     generate: bool = True
     prompt_logits: LogitsSink | None = None
-    reused: int = 0  # set when it starts: prompt tokens its slot already held
+    reused: int = 0  # set when it starts: prompt tokens its slot already held (or restored)
     held: Held | None = None
+    checkpoints: Checkpoints | None = None
 
 
 class Slot:
@@ -125,7 +129,10 @@ class Slot:
     def start(self, request: Request) -> None:
         """Serve ``request``: keep what the sequence holds of its prompt, read the rest from the next step."""
         self.request = request
-        self.reused = request.reused = self._keep_document(request) or self.sequence.reuse(request.prompt)
+        self.reused = self._keep_document(request) or self.sequence.reuse(request.prompt)
+        if request.checkpoints is not None:
+            self.reused = request.checkpoints.restore(self.sequence, self.reused)
+        request.reused = self.reused
         self.chunks = self.chunk_left = 0
         self.pending = list(request.prompt[self.reused :])
         self.sampler = Sampler(request.sampling, self.sequence.model) if request.generate else None
@@ -199,6 +206,7 @@ class Slot:
         if held and len(self.sequence.tokens) == held.length and self.sequence.held is None:
             self.sequence.hold(held.room)
             held.on_read(self.sequence)
+        self._checkpoint()
         if request.prompt_logits:
             request.prompt_logits(
                 len(request.prompt) - self.reused - len(self.pending) - len(tokens), context.logits(first, len(tokens))
@@ -211,6 +219,17 @@ class Slot:
             return True
         self._begin_reply()
         return self._sample(context, first + len(tokens) - 1)
+
+    def _checkpoint(self) -> None:
+        """After a chunk, or a piece of one: a checkpoint of the reading when one is due at a whole chunk's
+        end; the checkpoint's end once the reading is done."""
+        checkpoints = self.request.checkpoints
+        if checkpoints is None or self.chunk_left:
+            return
+        if len(self.sequence.tokens) < len(checkpoints.tokens):
+            checkpoints.after_chunk(self.sequence)
+        else:
+            checkpoints.finish(self.sequence)
 
     def _begin_reply(self) -> None:
         """The prompt is in: hold the grouping for the reply, so it moves no cell (when it fits the trained
@@ -245,8 +264,10 @@ class Slot:
         if self.stream is not None:
             request.on_chunk(self.stream.end("interrupted"))
         elif request.generate or self.pending:
-            done = len(request.prompt) - len(self.pending)
-            request.on_error(Interrupted(f"stopped after {done} of {len(request.prompt)} tokens"))
+            if request.checkpoints is not None and not self.chunk_left:
+                request.checkpoints.stopped(self.sequence)
+            done, total = len(request.prompt) - len(self.pending), len(request.prompt)
+            request.on_error(Interrupted("stopped after {done} of {total} tokens", done=done, total=total))
 
     def release(self) -> Request | None:
         """The request is over; the cells stay for reuse, but the slot is free from now on."""
@@ -278,6 +299,7 @@ class Engine:
         self.owns_context = owns_context
         given = sequences or []
         self.slots = [Slot(i, given[i] if i < len(given) else None) for i in range(context.n_seq)]
+        self.budget = StepBudget()
         self.steps = 0
         self._cells = context.cells  # read once: plan() may be called from another thread
 
@@ -370,6 +392,7 @@ class Engine:
         except BaseException:  # e.g. its sampler refused: the request ends alone, its slot free and clean
             slot.release()
             raise
+        self.budget.started(slot.index)
         request.on_start()
         if not slot.pending and not request.generate:  # all of it was there already: nothing to read
             if request.progress:
@@ -400,14 +423,17 @@ class Engine:
             if slot.busy and slot.request.cancelled():
                 slot.cancel()
                 self._end(slot)
-        spans = self._gather()
+        spans, pieces = self._gather()
         if not spans:
             return 0
+        began = time.perf_counter()
         try:
             self.context.decode([span for _, span in spans])
         except SelfExtendError as exc:
             self.fail_all(exc)
             return 0
+        generating = sum(1 for slot, _ in spans if slot.next_token is not None)
+        self.budget.took(time.perf_counter() - began, generating, pieces)
         self.steps += 1
         first = 0
         for slot, span in spans:
@@ -416,22 +442,30 @@ class Engine:
             first += len(span.tokens)
         return first
 
-    def _gather(self) -> list[tuple[Slot, Span]]:
+    def _gather(self) -> tuple[list[tuple[Slot, Span]], dict[int, int]]:
         """This step's spans: each generating slot's token, then whole prompt chunks: first those of prompts
         not yet begun, then the rest, each in arrival order (a short new request's first token does not
-        wait for a long prompt's later chunks). While some slots generate, a long reading goes
-        :data:`PIECE` tokens a step, so that their tokens do not each wait for a whole chunk of it."""
+        wait for a long prompt's later chunks). While some slots generate, a long reading goes in the
+        pieces the step budget allows (:mod:`.budget`), so that their tokens do not each wait for a whole
+        chunk of it; those pieces are returned too (tokens by slot)."""
         spans = [(slot, slot.token_span()) for slot in self.slots if slot.busy and slot.next_token is not None]
+        pieces: dict[int, int] = {}
         room = self.context.n_batch - len(spans)
         reading = (s for s in self.slots if s.busy and s.pending)
         for slot in sorted(reading, key=lambda s: (s.chunks > 0, s.started)):
-            long = len(slot.request.prompt) - slot.reused > LONG_READING
-            span = slot.prompt_span(room, PIECE if spans and long else None)
+            piece = None
+            if spans and len(slot.request.prompt) - slot.reused > LONG_READING:
+                piece = self.budget.piece(slot.index)
+                if not piece:
+                    continue
+            span = slot.prompt_span(room, piece)
             if span is None:
                 break  # whole chunks only; the next step has room for it
             spans.append((slot, span))
             room -= len(span.tokens)
-        return spans
+            if piece:
+                pieces[slot.index] = len(span.tokens)
+        return spans, pieces
 
     def _end(self, slot: Slot) -> None:
         request = slot.release()

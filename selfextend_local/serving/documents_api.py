@@ -125,11 +125,14 @@ class Documents:
         """The document's tokens, then the question's (qa's own prompt)."""
         return doc.tokens.tolist() + question_tokens(self.server.model, text, self.after())
 
-    def held(self, doc: Document, prompt: list[int], reading: Reading | None = None) -> Held:
-        """The document as the start of ``prompt``: held for a question and its answer (as qa holds it);
-        a ``reading`` notes when the disk cache gave it."""
+    def cache(self, doc: Document, prompt: list[int]) -> DocumentCache:
+        """The document's entry in the disk cache, for a request whose ``prompt`` begins with it."""
         n = len(doc.tokens)
-        cache = DocumentCache(self.server.model, prompt if len(prompt) == n else prompt[:n], self.server.kv_cache)
+        return DocumentCache(self.server.model, prompt if len(prompt) == n else prompt[:n], self.server.kv_cache)
+
+    def held(self, doc: Document, cache: DocumentCache, reading: Reading | None = None) -> Held:
+        """The document as the start of a request: held for a question and its answer (as qa holds it);
+        a ``reading`` notes when the disk cache gave it."""
 
         def restore(sequence) -> bool:
             done = cache.restore(sequence)
@@ -234,7 +237,10 @@ class Documents:
                 reading.end("cancelled")
                 return
             prompt = await off_loop(server, doc.tokens.tolist)
-            request = EngineRequest(prompt, extend=server.extend, generate=False, held=self.held(doc, prompt, reading))
+            cache = self.cache(doc, prompt)
+            request = EngineRequest(prompt, extend=server.extend, generate=False, held=self.held(doc, cache, reading))
+            if server.kv_cache is not None:  # a stopped reading (a restart too) resumes from its last checkpoint
+                request.checkpoints = cache.checkpoints(server.checkpoint_every)
             request.progress, request.on_error = reading.progress, reading.failed
             request.on_start = lambda: _note_memory(reading, request)
             request.on_finish = lambda: (reading.finished(), release())
@@ -255,7 +261,7 @@ class Documents:
 
 
 def _note_memory(reading: Reading, request: EngineRequest) -> None:
-    reading.reused = request.reused
+    reading.started(request.reused)
     if request.reused == reading.total and reading.source != "disk":
         reading.source = "memory"  # a slot held it already
 
@@ -283,7 +289,7 @@ async def ask(request: Request, req, question: str):
     async def asked():  # in the document's turn, given back when the engine is done with the question
         release = await documents.turns.take(doc.card.id)
         try:
-            held = documents.held(doc, tokens)
+            held = documents.held(doc, documents.cache(doc, tokens))
             return await begin(request, req, tokens, True, held, settings=settings, finished=release)
         except BaseException:
             release()

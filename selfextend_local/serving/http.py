@@ -24,12 +24,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from ..engine.checkpoint import Checkpointing
 from ..engine.errors import InputTooLongError, Interrupted, Naming, SelfExtendError, cut
+from ..engine.eta import Clock
 from ..engine.grammar import ReplyError
 from ..engine.kvcache import KVCache
 from ..engine.model import Model
 from ..engine.scheduler import ServingThread
-from ..engine.settings import ExtendSettings, RuntimeSettings
+from ..engine.settings import CHECKPOINT_SECONDS, ExtendSettings, RuntimeSettings
 from ..engine.slots import Request as EngineRequest
 from .library import Library
 from .limits import ServerLimits
@@ -91,6 +93,7 @@ class Server:
     kv_cache: KVCache | None = None
     api_key: str | None = None
     allowed_hosts: set[str] | None = None
+    checkpoint_every: float = CHECKPOINT_SECONDS  # seconds of a long reading between its checkpoints
     model_id: str = field(init=False)
     prep: ThreadPoolExecutor = field(init=False)
 
@@ -181,16 +184,24 @@ STARTED = "started"  # the first event of a call: it has a slot, and its prompt 
 
 @dataclass(frozen=True)
 class Progress:
-    """How far the prompt has been read: llama.cpp's server reports ``total``, ``cache`` (reused),
-    ``processed`` (read, reused included) and ``time_ms`` (since reading began)."""
+    """How far the prompt has been read: llama.cpp's server reports ``total``, ``cache`` (reused, or
+    restored from a checkpoint), ``processed`` (read, reused included) and ``time_ms`` (since reading
+    began); ``eta_ms`` is ours: the time left, by the reading's cost model (None until it can tell)."""
 
     total: int
     cache: int
     processed: int
     time_ms: int
+    eta_ms: int | None = None
 
     def as_dict(self) -> dict:
-        return {"total": self.total, "cache": self.cache, "processed": self.processed, "time_ms": self.time_ms}
+        return {
+            "total": self.total,
+            "cache": self.cache,
+            "processed": self.processed,
+            "time_ms": self.time_ms,
+            "eta_ms": self.eta_ms,
+        }
 
 
 class Call:
@@ -220,10 +231,14 @@ class Call:
         request.on_start = lambda: self._put(STARTED)
         if progress:
             began = time.perf_counter()
+            clock = Clock()
 
             def report(done: int, total: int) -> None:
-                elapsed = int((time.perf_counter() - began) * 1000)
-                self._put(Progress(total, request.reused, done, elapsed))
+                now = time.perf_counter()
+                clock.mark(done, now)
+                left = clock.seconds_left(done, total)
+                eta = None if left is None else int(left * 1000)
+                self._put(Progress(total, request.reused, done, int((now - began) * 1000), eta))
 
             request.progress = report
             request.on_start = lambda: (self._put(STARTED), report(request.reused, len(request.prompt)))
@@ -263,6 +278,8 @@ async def start(server: Server, call: Call, request: EngineRequest) -> AsyncIter
             code="queue_full",
             headers={"Retry-After": "1"},
         )
+    if request.checkpoints is None and request.held is None:  # the same prompt after a restart resumes
+        request.checkpoints = Checkpointing(server.kv_cache, server.checkpoint_every)(request.prompt)
     server.serving.submit(request, call.cancelled)
     try:
         first = await call.next()  # STARTED once the engine has a slot for it, None if refused

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from ..engine.errors import SelfExtendError
+from ..engine.eta import Clock
 from .http import DISCONNECT_POLL, APIError, http_naming
 
 
@@ -34,7 +35,8 @@ class Reading:
     began: float = field(default_factory=time.perf_counter)
     source: str = "read"
     over: bool = False
-    reused: int = 0  # tokens a slot held already when it began
+    reused: int = 0  # tokens a slot held already when it began (or a checkpoint gave it)
+    clock: Clock = field(default_factory=Clock)  # the time left, from the reading's own cost model
 
     def __post_init__(self) -> None:
         self.last = {"state": "waiting", "done": 0, "total": self.total}  # for its turn, or for a slot
@@ -93,12 +95,20 @@ class Reading:
 
     # -- called on the engine's thread ----------------------------------------------------------
 
+    def started(self, reused: int) -> None:
+        """It has a slot, which held (or a checkpoint gave) ``reused`` tokens: its time counts from now."""
+        self.reused, self.began = reused, time.perf_counter()
+        self.clock.mark(reused, self.began)  # the reading's first point: where it starts
+
     def progress(self, done: int, total: int) -> None:
-        seconds = time.perf_counter() - self.began
+        now = time.perf_counter()
+        self.clock.mark(done, now)
+        seconds = now - self.began
         rate = (done - self.reused) / seconds if seconds > 0 else 0.0
-        left = round((total - done) / rate, 1) if rate > 0 else None
+        left = self.clock.seconds_left(done, total)
         event = {"state": "reading", "done": done, "total": total, "tokens_per_second": round(rate, 1)}
-        self.loop.call_soon_threadsafe(self.publish, {**event, "seconds_left": left})
+        event.update(resumed=self.reused, seconds_left=None if left is None else round(left, 1))
+        self.loop.call_soon_threadsafe(self.publish, event)
 
     def failed(self, exc: Exception) -> None:
         self.loop.call_soon_threadsafe(self.publish, {"state": "failed", "error": error_body(exc)})
@@ -136,7 +146,14 @@ async def progress_of(reading: Reading, queue: asyncio.Queue, request: Request |
         if event is None or state == "cancelled":
             raise APIError(503, "the document's reading was cancelled", kind="server_error")
         elapsed = int((time.perf_counter() - reading.began) * 1000)
-        yield {"total": reading.total, "cache": reading.reused, "processed": event.get("done", 0), "time_ms": elapsed}
+        left = event.get("seconds_left")
+        yield {
+            "total": reading.total,
+            "cache": reading.reused,
+            "processed": event.get("done", 0),
+            "time_ms": elapsed,
+            "eta_ms": None if left is None else int(left * 1000),
+        }
 
 
 class Turns:

@@ -13,12 +13,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-import llama_cpp
-
-from ..engine import state
+from ..engine import checkpoint, state
 from ..engine.errors import EngineError, InputTooLongError
 from ..engine.generate import stream_generate
-from ..engine.kvcache import CacheWriteError, KVCache, tokens_digest
+from ..engine.kvcache import CacheWriteError, KVCache
 from ..engine.model import Model
 from ..engine.sampling import Chunk
 from ..engine.session import open_session
@@ -62,24 +60,11 @@ class DocumentCache:
     def __init__(self, model: Model, doc_tokens: list[int], cache: KVCache | None) -> None:
         self.model, self.doc_tokens, self.cache = model, doc_tokens, cache
         self.warnings: list[str] = []
+        self._checkpoints: checkpoint.Checkpoints | None = None
 
     def identity(self, sequence) -> dict:
         """What a cached state must match: model file, build, settings and the document's tokens."""
-        stat = self.model.path.stat()
-        return {
-            "model": str(self.model.path.resolve()),
-            "model_size": stat.st_size,
-            "model_mtime_ns": stat.st_mtime_ns,
-            "llama_cpp": llama_cpp.__version__,
-            "group": sequence.plan.group,
-            "window": sequence.plan.window,
-            "schedule": sequence.plan.schedule,
-            "division": sequence.divider.name if sequence.divider else None,
-            "kv_type": sequence.runtime.kv_type,
-            "chunk": sequence.chunk,
-            "document": tokens_digest(self.doc_tokens),
-            "n_tokens": len(self.doc_tokens),
-        }
+        return checkpoint.identity(self.model, sequence, self.doc_tokens)
 
     def cached(self, sequence) -> bool:
         """Whether the cache has an entry for this document as ``sequence`` would hold it (not verified)."""
@@ -121,10 +106,23 @@ class DocumentCache:
             )
         except CacheWriteError as exc:
             self.warnings.append(str(exc))
+            return
+        if self._checkpoints is not None:  # the finished entry replaces the reading's checkpoint
+            self._checkpoints.superseded(sequence)
+
+    def checkpoints(self, every: float = checkpoint.EVERY_SECONDS) -> checkpoint.Checkpoints | None:
+        """The checkpoints of this document's reading (None without a cache), their warnings told here."""
+        if self.cache is None:
+            return None
+        self._checkpoints = checkpoint.Checkpoints(self.cache, self.doc_tokens, every, entry_follows=True)
+        return self._checkpoints
 
     def take_warnings(self) -> list[str]:
         """What the cache had to say since the last call, each once."""
         found = self.warnings + (self.cache.warnings if self.cache else [])
+        if self._checkpoints is not None:
+            found += self._checkpoints.warnings
+            self._checkpoints.warnings = []
         self.warnings = []
         if self.cache:
             self.cache.warnings = []
@@ -142,6 +140,7 @@ class DocumentQA:
         runtime: RuntimeSettings,
         sampling: SamplingSettings,
         cache: KVCache | None = None,
+        checkpoint_every: float = checkpoint.EVERY_SECONDS,
     ) -> None:
         self.model = model
         self.sampling = sampling
@@ -154,6 +153,7 @@ class DocumentQA:
         self._unsaved = False
         self.source: str | None = None
         self.doc_cache = DocumentCache(model, self.doc_tokens, cache)
+        self.checkpoints = self.doc_cache.checkpoints(checkpoint_every)
 
     def close(self) -> None:
         if self.session.ctx is not None:
@@ -171,15 +171,17 @@ class DocumentQA:
         return self.doc_cache.identity(self.session)
 
     def load(self, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> str:
-        """Make the document's state ready: from the cache ("cache") or by ingesting it ("ingested").
+        """Make the document's state ready: from the cache ("cache") or by ingesting it ("ingested"), resuming
+        from the reading's newest checkpoint if there is one (``checkpoints.restored`` says how far).
 
-        An entry that llama.cpp or the schedule will not take is deleted and the document ingested.
+        An entry that llama.cpp or the schedule will not take is deleted and the document ingested. A stop
+        raises Interrupted, with the reading's checkpoint written where it stopped.
         """
         if self.cache and self._restore():
             self.source = "cache"
         else:
             self.session.reset()
-            self.session.ingest(self.doc_tokens, progress, should_stop=should_stop)
+            self.session.ingest(self.doc_tokens, progress, should_stop=should_stop, checkpoints=self.checkpoints)
             self.source = "ingested"
             self._unsaved = self.cache is not None
         if not self.session.hold(self._room):
@@ -212,7 +214,7 @@ class DocumentQA:
 
     def take_warnings(self) -> list[str]:
         """What the cache had to say since the last call (a damaged entry rebuilt, a write that failed,
-        something in its folder it left alone), each once."""
+        something in its folder it left alone, a checkpoint discarded), each once."""
         return self.doc_cache.take_warnings()
 
     def question_tokens(self, question: str) -> list[int]:

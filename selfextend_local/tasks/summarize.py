@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..engine.checkpoint import Checkpointing, Checkpoints
 from ..engine.errors import InputTooLongError, Name, SelfExtendError
 from ..engine.generate import generate
 from ..engine.grammar import schema_structure
@@ -103,6 +104,7 @@ class Summarizer:
     prompt: str = DEFAULT_PROMPT
     cells: int | None = None
     schema: dict | None = None  # the summary is JSON that validates against it
+    checkpointing: Checkpointing | None = None  # long readings checkpointed (and resumed) in a disk cache
 
     def signature(self) -> dict:
         info = self.model.info
@@ -200,8 +202,11 @@ class Summarizer:
         n_new = prompt.sampling.max_tokens
         tokens = prompt.tokens
         with open_session(self.model, len(tokens) + n_new, self.extend, self.runtime, generate=n_new) as session:
-            text, last = generate(session, tokens, prompt.sampling)
+            text, last = generate(session, tokens, prompt.sampling, checkpoints=self.checkpoints(tokens))
             return Reply(text, last, session.plan.describe())
+
+    def checkpoints(self, tokens: list[int]) -> Checkpoints | None:
+        return self.checkpointing(tokens) if self.checkpointing is not None else None
 
     def longest_call(self, files: list[Path]) -> int:
         """Tokens the longest call over ``files`` may need: the largest file (a token is at least a byte),
@@ -355,6 +360,7 @@ class _Batched:
         task.parts, task.last = [], None
         extend = self.summarizer.extend
         request = Request(prompt.tokens, prompt.sampling, extend, on_chunk=task.on_chunk, on_error=task.on_error)
+        request.checkpoints = self.summarizer.checkpoints(prompt.tokens)
         self.scheduler.submit(request)  # planned now; a call that cannot be served raises here
         task.plan = request.plan.describe()
 

@@ -1,0 +1,92 @@
+"""Time left in a reading, from a cost model of the reading itself.
+
+Every prompt token attends to every cell before it, so a token at position ``p`` costs about ``a + b * p``
+seconds: ``a`` for the weights, ``b * p`` for attention. Reading from ``d0`` to ``d1`` then takes
+``a * (d1 - d0) + b / 2 * (d1**2 - d0**2)``, and the rest of a reading takes longer per token than what
+has been read so far: the average rate (tokens so far over seconds so far) says at 50% of a long reading
+about a third of the time it really has left. :class:`Clock` fits ``a`` and ``b`` to the times at which
+the reading reached each point (least squares over the steps between them, neither term below zero),
+and starts afresh when a reading resumes from a checkpoint (its first point is where it resumed).
+
+One clock a reading, fed the ``(done, total)`` of its progress callback; the CLI's bar and log lines,
+the page's reading events and the API's ``prompt_progress`` all ask it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+MIN_POINTS = 2  # steps of the reading before any estimate: one step says nothing of the slope
+
+
+class Clock:
+    """The times a reading reached each point, and the time it has left by the fitted cost model."""
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
+        self.now = now
+        self.points: list[tuple[int, float]] = []  # (tokens done, seconds since the first point)
+        self._start: float | None = None
+        self._fit: tuple[float, float] | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        """Record that the reading has ``done`` of ``total`` tokens now (a progress callback)."""
+        self.mark(done, self.now())
+
+    def mark(self, done: int, at: float) -> None:
+        if self._start is None:
+            self._start = at
+        if self.points and done <= self.points[-1][0]:
+            return  # nothing read since (a repeated call): no step to learn from
+        self.points.append((done, at - self._start))
+        self._fit = None
+
+    @property
+    def elapsed(self) -> float:
+        return self.points[-1][1] if self.points else 0.0
+
+    def coefficients(self) -> tuple[float, float] | None:
+        """``(a, b)``: seconds a token, and seconds a token per cell before it; None before two steps."""
+        if len(self.points) <= MIN_POINTS:
+            return None
+        if self._fit is None:
+            self._fit = _fit(self.points)
+        return self._fit
+
+    def seconds_left(self, done: int, total: int) -> float | None:
+        """Seconds until ``total`` tokens have been read, from ``done``; None while it cannot tell."""
+        if done >= total:
+            return 0.0
+        fit = self.coefficients()
+        if fit is None:
+            return None
+        a, b = fit
+        return max(0.0, a * (total - done) + b / 2 * (total * total - done * done))
+
+    def rate(self) -> float:
+        """Tokens a second so far (what the reading has shown, not what is left)."""
+        if len(self.points) < 2 or self.elapsed <= 0:
+            return 0.0
+        return (self.points[-1][0] - self.points[0][0]) / self.elapsed
+
+
+def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares of each step's seconds on its tokens and its tokens' summed positions; a term that
+    comes out below zero (noise, or a reading too short to show the slope) is dropped and the other refit."""
+    done = np.array([p[0] for p in points], dtype=np.float64)
+    seconds = np.array([p[1] for p in points], dtype=np.float64)
+    tokens = np.diff(done)
+    span = np.diff(done * done) / 2  # sum of the positions of a step's tokens, in the continuous limit
+    took = np.diff(seconds)
+    design = np.stack([tokens, span], axis=1)
+    try:
+        (a, b), *_ = np.linalg.lstsq(design, took, rcond=None)
+    except np.linalg.LinAlgError:
+        a, b = -1.0, -1.0
+    if a >= 0 and b >= 0:
+        return float(a), float(b)
+    if b > 0 and a < 0:  # attention alone
+        return 0.0, float(max(0.0, (took @ span) / max(span @ span, 1e-30)))
+    return float(max(0.0, took.sum() / max(tokens.sum(), 1.0))), 0.0
