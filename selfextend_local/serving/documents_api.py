@@ -82,6 +82,11 @@ class Documents:
         self.key = hashlib.sha256(model.encode()).hexdigest()[:16]  # a document's facts are this model's
         self._after: Pieces | None = None
 
+    async def about(self, request: Request, req, messages: list[dict]):
+        """The OpenAI chat endpoint's question on a document (it reaches this module through the app's
+        state, so the two modules do not import each other)."""
+        return await about_document(request, req, messages)
+
     # -- a document's tokens (on the preparation threads) ---------------------------------------
 
     def document(self, ident: str) -> Document:
@@ -319,6 +324,18 @@ async def ask(request: Request, req, question: str):
             yield piece
 
     return sse.EventStream(events())
+
+
+async def about_document(request: Request, req, messages: list[dict]):
+    """A chat request whose last user message is a question on a document given to the server (:func:`ask`)."""
+    if req.selfextend is not None:
+        raise APIError(400, "a document is read with the server's setting; leave out selfextend", param="selfextend")
+    if (req.max_completion_tokens or req.max_tokens or 0) > MAX_ANSWER:
+        raise APIError(400, f"an answer about a document has at most {MAX_ANSWER} tokens", param="max_tokens")
+    asked = [m["content"] for m in messages if m["role"] == "user"]
+    if not asked or not asked[-1].strip():
+        raise APIError(400, "a question about a document is the last user message; it is empty", param="messages")
+    return await ask(request, req, asked[-1])
 
 
 def progress_piece(server: Server, progress: dict) -> dict:

@@ -356,25 +356,11 @@ async def chat_completions(request: Request):
     if req.document is not None:
         if tool is not None:
             raise APIError(400, "a question about a document is answered in text; leave out tools", param="tools")
-        return await about_document(request, req, messages)
+        return await request.app.state.documents.about(request, req, messages)  # :mod:`.documents_api`
     if tool is not None:
         messages = with_note(messages, tool)
     tokens = await off_loop(server, chat_tokens, server.model, messages)
     return await respond(request, req, tokens, chat=True, tool=tool)
-
-
-async def about_document(request: Request, req: ChatRequest, messages: list[dict]):
-    """A question on a document given to the server: see :func:`.documents_api.ask`."""
-    from .documents_api import MAX_ANSWER, ask
-
-    if req.selfextend is not None:
-        raise APIError(400, "a document is read with the server's setting; leave out selfextend", param="selfextend")
-    if (req.max_completion_tokens or req.max_tokens or 0) > MAX_ANSWER:
-        raise APIError(400, f"an answer about a document has at most {MAX_ANSWER} tokens", param="max_tokens")
-    asked = [m["content"] for m in messages if m["role"] == "user"]
-    if not asked or not asked[-1].strip():
-        raise APIError(400, "a question about a document is the last user message; it is empty", param="messages")
-    return await ask(request, req, asked[-1])
 
 
 @router.post("/v1/completions")
