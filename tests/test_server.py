@@ -273,6 +273,8 @@ def test_a_long_prompt_streams_its_reading_progress_when_asked(client):
     total = progress[-1]["total"]
     assert total > 1000 and progress[-1]["processed"] == total and len(progress) >= 3
     assert [p["processed"] for p in progress] == sorted(p["processed"] for p in progress)
-    assert all(set(p) == {"total", "cache", "processed", "time_ms"} for p in progress)
+    assert all(set(p) == {"total", "cache", "processed", "time_ms", "eta_ms"} for p in progress)
+    left = [p["eta_ms"] for p in progress if p["processed"] < total]  # ours: the cost model's time left
+    assert all(ms is None or ms >= 0 for ms in left) and progress[-1]["eta_ms"] in (0, None)
     quiet = client.completions.create(model="m", prompt=text, max_tokens=2, temperature=0, stream=True)
     assert not any("prompt_progress" in (event.model_extra or {}) for event in quiet)
