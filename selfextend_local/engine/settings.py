@@ -28,6 +28,10 @@ MAX_TOP_K = 1 << 20
 MAX_TOKENS = 1 << 20
 MAX_STOPS = 4  # as the OpenAI API
 MAX_STOP_CHARS = 256
+# Tokens a request may draft a step from its own text (engine/drafting.py; 0: none). Off until measured to
+# never lose (scripts/bench_drafts.py): the default everywhere (CLI, server, Llama) is this one constant.
+DRAFT = 0
+MAX_DRAFT = 32  # llama.cpp's server drafts at most 16 by default, llama-cpp-python 10
 # Seconds of a long reading between two of its checkpoints (engine/checkpoint.py); each write is also kept
 # to within 1/40 of the reading's time whatever the disk. 60 s: at most one minute of reading is lost.
 CHECKPOINT_SECONDS = 60.0
@@ -176,9 +180,13 @@ class SamplingSettings:
     min_p: float = 0.0
     grammar: str | None = None  # GBNF (root rule "root") that every reply must match, e.g. JSON of a schema
     schema: Mapping | bool | None = None
+    draft: int = DRAFT  # tokens drafted a step from the request's own text, at most (0: none)
 
     def __post_init__(self) -> None:
         check_range("temperature", self.temperature, 0, MAX_TEMPERATURE)
+        if not isinstance(self.draft, int) or isinstance(self.draft, bool):
+            raise BadInputError("{name} must be a whole number of tokens", param="draft", name=Name("draft"))
+        check_range("draft", self.draft, 0, MAX_DRAFT)
         check_range("top_k", self.top_k, 0, MAX_TOP_K)
         check_range("top_p", self.top_p, 0, 1, low_open=True)
         check_range("min_p", self.min_p, 0, 1)
