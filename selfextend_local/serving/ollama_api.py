@@ -3,12 +3,14 @@
 
 Streamed replies are newline-delimited JSON (``"stream": false`` gives one object), errors are Ollama's
 ``{"error": "..."}``. ``options`` map to our settings (``temperature``, ``top_k``, ``top_p``, ``min_p``,
-``seed``, ``stop``, ``num_predict``), plus ``selfextend_group``, ``selfextend_window`` and
-``selfextend_schedule``; ``num_ctx`` is taken and needs no effect (a request is served when its prompt and
-``num_predict`` fit a slot, self-extended past the training context); the options that configure Ollama's
-own runner (threads, GPU layers, batch, memory mapping) are the server's and ignored, as are
-``keep_alive`` and ``truncate``. Any other field or option, and a value of a sampling option we do not
-have (a repeat penalty, mirostat) other than the one that changes nothing, is refused by name.
+``seed``, ``stop``, ``num_predict``), plus ``selfextend_group``, ``selfextend_window``,
+``selfextend_schedule`` and ``selfextend_draft`` (tokens drafted a step from the request's own text; the
+final object then says ``draft_n`` and ``draft_n_accepted``, as llama.cpp's server's timings); ``num_ctx``
+is taken and needs no effect (a request is served when its prompt and ``num_predict`` fit a slot,
+self-extended past the training context); the options that configure Ollama's own runner (threads, GPU
+layers, batch, memory mapping) are the server's and ignored, as are ``keep_alive`` and ``truncate``. Any
+other field or option, and a value of a sampling option we do not have (a repeat penalty, mirostat) other
+than the one that changes nothing, is refused by name.
 ``format`` is ``"json"`` or a JSON schema, through the same grammar as OpenAI's ``response_format``.
 """
 
@@ -44,6 +46,7 @@ from .http import (
     server_of,
 )
 from .http import start as start_call
+from .openai import drafts
 from .openai_api import sampling_for
 
 COMPATIBLE_VERSION = "0.12.0"  # the Ollama API this follows (clients read /api/version)
@@ -61,7 +64,14 @@ NEUTRAL_OPTIONS = {  # sampling we do not have, accepted at the value that chang
 IGNORED_OPTIONS = frozenset(
     {"num_ctx", "num_keep", "repeat_last_n", "penalize_newline", "mirostat_tau", "mirostat_eta"}
 )
-SAMPLING_OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed"}
+SAMPLING_OPTIONS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "seed": "seed",
+    "selfextend_draft": "draft",
+}
 EXTEND_OPTIONS = {"selfextend_group": "group", "selfextend_window": "window", "selfextend_schedule": "schedule"}
 
 
@@ -213,6 +223,7 @@ def stats(last: Chunk | None, total: float, served: dict) -> dict:
         "prompt_eval_duration": int(last.prompt_seconds * 1e9),
         "eval_count": last.generated_tokens,
         "eval_duration": int(last.generate_seconds * 1e9),
+        **drafts(last),
         "selfextend": served,
     }
 

@@ -39,17 +39,22 @@ from .http import (
 )
 from .http import start as start_call
 from .http import watch as watch_call
-from .openai import Reply
+from .openai import Reply, timings
 from .sse import DONE, EventStream, event
 
 
 class SelfExtendOptions(BaseModel):
-    """The extra body field ``selfextend``: a field left out is the server's setting."""
+    """The extra body field ``selfextend``: a field left out is the server's setting. ``draft``: tokens
+    drafted a step from the request's own text (a sampling setting; the others are SelfExtend's)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     group: int | None = None
     window: int | None = None
     schedule: str | None = None
+    draft: int | None = None
+
+    def extend_fields(self) -> dict:
+        return {k: v for k, v in self.model_dump(exclude={"draft"}).items() if v is not None}
 
 
 class TextPart(BaseModel):
@@ -153,6 +158,7 @@ class CommonRequest(BaseModel):
             "seed": self.seed,
             "max_tokens": self.max_completion_tokens or self.max_tokens,
             "stop": tuple(s for s in stops if s) or None,
+            "draft": self.selfextend.draft if self.selfextend else None,
         }
         return {k: v for k, v in given.items() if v is not None}
 
@@ -174,8 +180,7 @@ class CompletionRequest(CommonRequest):
 
 def extend_for(options: SelfExtendOptions | None, base: ExtendSettings) -> ExtendSettings:
     """The server's setting with the fields the request gives in its stead."""
-    given = {k: v for k, v in options.model_dump().items() if v is not None} if options else {}
-    return replace(base, **given)
+    return replace(base, **options.extend_fields()) if options else base
 
 
 def sampling_for(fields: dict, structure: Structure | None, server: Server) -> SamplingSettings:
@@ -186,7 +191,7 @@ def sampling_for(fields: dict, structure: Structure | None, server: Server) -> S
         raise APIError(400, f"max_tokens {fields['max_tokens']} is over this server's limit {most}", param="max_tokens")
     if structure is not None:
         check_grammar(server.model.vocab, structure.grammar)
-    return replace(SamplingSettings(), **fields, **(structure.fields() if structure else {}))
+    return replace(SamplingSettings(draft=server.draft), **fields, **(structure.fields() if structure else {}))
 
 
 def settings_for(req: CommonRequest, server: Server) -> tuple[ExtendSettings, SamplingSettings]:
@@ -235,7 +240,7 @@ async def _events(events: AsyncIterator, reply: Reply, include_usage: bool):
             yield event(reply.piece(last.text, first=True)) if first else reply.piece_event(last.text)
             first = False
         finish = "length" if last and last.finish_reason == "length" else "stop"
-        yield event(reply.piece(last.text if last else "", finish=finish))
+        yield event({**reply.piece(last.text if last else "", finish=finish), "timings": timings(last)})
         if include_usage and last is not None:
             yield event(reply.usage_piece(last, last.prompt_tokens))
         yield DONE
@@ -287,8 +292,12 @@ async def about_document(request: Request, req: ChatRequest, messages: list[dict
     and answer fit the room held after it."""
     from .documents_api import MAX_ANSWER, documents_of
 
-    if req.selfextend is not None:
-        raise APIError(400, "a document is read with the server's setting; leave out selfextend", param="selfextend")
+    if req.selfextend is not None and req.selfextend.extend_fields():
+        raise APIError(
+            400,
+            "a document is read with the server's setting; leave out selfextend's group, window and schedule",
+            param="selfextend",
+        )
     if (req.max_completion_tokens or req.max_tokens or 0) > MAX_ANSWER:
         raise APIError(400, f"an answer about a document has at most {MAX_ANSWER} tokens", param="max_tokens")
     asked = [m["content"] for m in messages if m["role"] == "user"]
