@@ -14,7 +14,7 @@ decode of one token and of several, as between one sequence and several in a ste
 
 This is llama.cpp's ``--spec-type ngram-simple`` and llama-cpp-python's ``LlamaPromptLookupDecoding``, with
 the n-gram found by a dict lookup instead of a scan of the whole history each step: indexing a prompt is
-linear (the dicts are built in C loops), a step costs a lookup per n-gram size.
+linear (one dict, filled in C loops), a step costs a lookup per n-gram size.
 
 How many tokens to draft is what makes the most tokens a second (:meth:`StepCosts.worth`): a drafted token
 costs a share of a step (measured: :class:`StepCosts`, one per model), and is kept with a probability
@@ -40,10 +40,11 @@ STEP_FORGET = 0.97  # weight left to older steps at each new one
 @dataclass
 class StepCosts:
     """The time of a step that only generates, as ``a + b * tokens``, fitted from the steps as they come
-    (least squares with older steps forgotten): a drafted token costs ``b / a`` of a one-token step with
-    nothing else in it. Large on a CPU with a small model (a decode of a few tokens costs nearly as many
-    decodes of one), small where decoding waits on memory (a GPU, a large model). ``fixed`` replaces the
-    measured ratio (0: drafting costs nothing)."""
+    (least squares with older steps forgotten): a drafted token costs ``b / a`` of a step's fixed part.
+    Large where a decode is bound by arithmetic (a CPU with a small model: llama-batched-bench on this
+    project's 2 cores made 1.31x the tokens a second with 4 sequences as with 1, METHOD.md section 6),
+    small where it waits on memory (a large model, a GPU). ``fixed`` replaces the measured ratio (0:
+    drafting costs nothing)."""
 
     fixed: float | None = None
     sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # weights, n, n^2, t, n*t
@@ -69,16 +70,17 @@ class StepCosts:
         measured = min(max(b / a, 0.0), 10.0) if a > 0 else 10.0
         return (spread * measured + RATIO_TRUST * RATIO_PRIOR) / (spread + RATIO_TRUST)
 
-    def worth(self, kept: float, most: int, tokens: int) -> int:
-        """How many tokens to draft, at most ``most``, into a step of ``tokens`` tokens, when each drafted
-        token is kept with probability ``kept`` after the one before it was: the length that makes the most
-        tokens a second, ``(tokens + kept + kept^2 + ...) / (1 + ratio * (tokens + length))``."""
+    def worth(self, kept: float, most: int, step: int) -> int:
+        """How many tokens to draft, at most ``most``, into a step of ``step`` tokens so far, when each
+        drafted token is kept with probability ``kept`` after the one before it was: the length that makes
+        the step's tokens a second the most, ``(step + kept + kept^2 + ...) / (1 + ratio * (step + length))``
+        (beside other slots' tokens a draft slows them all: it pays less)."""
         ratio = self.ratio
-        best, best_rate, expected, gain = 0, tokens / (1 + ratio * tokens), float(tokens), 1.0
+        best, best_rate, expected, gain = 0, step / (1 + ratio * step), float(step), 1.0
         for length in range(1, most + 1):
             gain *= kept
             expected += gain
-            rate = expected / (1 + ratio * (tokens + length))
+            rate = expected / (1 + ratio * (step + length))
             if rate > best_rate:
                 best, best_rate = length, rate
         return best
@@ -130,15 +132,15 @@ class Drafter:
             else:
                 self.watched = (n, expected, seen + 1)
 
-    def propose(self, limit: int, tokens: int) -> list[int]:
-        """The draft to decode after the last token added, at most ``limit`` tokens, in a step of
-        ``tokens`` tokens so far: empty when nothing matches or drafting would not pay."""
+    def propose(self, limit: int, step: int) -> list[int]:
+        """The draft to decode after the last token added, at most ``limit`` tokens, in a step of ``step``
+        tokens so far: empty when nothing matches or drafting would not pay."""
         found = self._lookup()
         if found is None or limit <= 0:
             return []
         n, follow = found
         kept, rejected = self.outcomes[n]
-        length = self.costs.worth(kept / (kept + rejected), min(limit, len(follow)), tokens)
+        length = self.costs.worth(kept / (kept + rejected), min(limit, len(follow)), step)
         if length == 0:
             if self.watched is None:
                 self.watched = (n, follow, 0)
