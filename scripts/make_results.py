@@ -190,6 +190,8 @@ def render(raw: dict) -> str:
     out += render_long_read(_load(DOCS / "long_read.json")) + render_peer(_load(DOCS / "peer.json"))
     out += render_grammar(_load(DOCS / "grammar.json")) + render_page(_load(DOCS / "page.json"))
     out += render_kshift(_load(DOCS / "kshift.json"))
+    out += render_ceiling(_load(DOCS / "ceiling.json")) + render_fa_op(_load(DOCS / "fa_op.json"))
+    out += render_checkpoints(_load(DOCS / "checkpoints.json")) + render_beside(_load(DOCS / "beside.json"))
     return "\n".join(out)
 
 
@@ -587,6 +589,136 @@ def render_part(raw: dict, where: str, lengths: str) -> list[str]:
         rows = [["method", "tokens/s", "ratio to engine plain"]]
         rows += [[name, f"{v:.0f}", f"{v / plain:.3f}"] for name, v in tps.items()]
         out += ["```", format_table(rows), "```", ""]
+    return out
+
+
+def render_ceiling(ceiling: dict | None) -> list[str]:
+    """Reading at depth against the machine's peak, kernels side by side (`python scripts/ceiling.py`)."""
+    if not ceiling:
+        return []
+    from ceiling import buckets
+
+    peak = ceiling["peak"]
+    out = [
+        f"## Reading at depth against the machine's limit: {ceiling['tokens']:,} tokens (CPU)",
+        "",
+        f"Measured by `python scripts/ceiling.py {ceiling.get('flags', '')}` on {ceiling['when']}: the fp32 FMA "
+        f"peak of both cores {peak['fp32']:.0f} Gflop/s (bf16 dot products {peak.get('bf16', 0):.0f}), then the "
+        f"pydoc text read under SelfExtend G{ceiling['group']} W{ceiling['window']}, each cache type and kernel "
+        "in a process of its own (tiled: patch 0003's flash attention, the kernel before; gqa: patch 0005's). "
+        "Gflop/s counts the weights' matmuls and attention (4 x heads x head size x layers x position).",
+        "",
+        "| cache | kernel | "
+        + " | ".join(f"{b['from'] // 1024}-{b['to'] // 1024}k" for b in buckets(ceiling["runs"][0], peak["fp32"]))
+        + " |",
+        "|---|---|" + "---|" * len(buckets(ceiling["runs"][0], peak["fp32"])),
+    ]
+    for run in ceiling["runs"]:
+        cells = [
+            f"{b['tok_s']:.1f} tok/s, {b['gflops']:.0f} Gflop/s ({b['share']:.2f})" for b in buckets(run, peak["fp32"])
+        ]
+        out.append(f"| {run['kv_type']} | {run['kernel']} | " + " | ".join(cells) + " |")
+    if any(run.get("ppl") for run in ceiling["runs"]):
+        out += ["", "Perplexity of the whole text and by 8k bucket:", "", "```"]
+        for run in ceiling["runs"]:
+            by = " ".join(f"{b['ppl']:.4f}" for b in run["ppl_by_bucket"])
+            out.append(f"{run['kv_type']:5s} {run['kernel']:6s} {run['ppl']:.4f}   {by}")
+        out.append("```")
+    profiled = [run for run in ceiling["runs"] if run.get("profile")]
+    if profiled:
+        out += ["", "Where the last bucket's time goes (perf's cpu-clock samples of the reading process):", ""]
+        for run in profiled:
+            shares = ", ".join(f"{p['where']} {p['share']}%" for p in run["profile"])
+            out.append(f"- {run['kv_type']}, {run['kernel']}: {shares}")
+    return out + [""]
+
+
+def render_fa_op(op: dict | None) -> list[str]:
+    """One layer's flash attention with each kernel (`python scripts/bench_fa_op.py`)."""
+    if not op:
+        return []
+    out = [
+        "## One layer's flash attention, kernel by kernel (CPU)",
+        "",
+        f"Measured by `python scripts/bench_fa_op.py --out docs/fa_op.json` on {op['when']}, {op['threads']} "
+        "threads, the bundled model's shape (9 query heads on 3 KV heads of 64), random Q, K and V, causal; the "
+        "kernels in turn on the same op (median ms; f16's stock kernel is the tiled one):",
+        "",
+        "| cache | cells | tokens | stock | tiled (0003) | gqa (0005) | gqa Gflop/s | tiled / gqa |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in op["results"]:
+        ms = r["ms"]
+        stock = f"{ms['stock']:.1f}" if "stock" in ms else "-"
+        out.append(
+            f"| {r['kind']} | {r['n_kv']:,} | {r['n_q']} | {stock} | {ms['tiled']:.1f} | {ms['gqa']:.1f} | "
+            f"{r['gflops']['gqa']:.0f} | {ms['tiled'] / ms['gqa']:.2f} |"
+        )
+    return out + [""]
+
+
+def render_checkpoints(cp: dict | None) -> list[str]:
+    """A long reading with and without checkpoints, and its time left (`python scripts/bench_checkpoints.py`)."""
+    if not cp:
+        return []
+    out = [
+        f"## A long reading's checkpoints and time left: {cp['tokens']:,} tokens, {cp['kv_type']} (CPU)",
+        "",
+        f"Measured by `python scripts/bench_checkpoints.py --tokens {cp['tokens']} --kv-type {cp['kv_type']} "
+        f"--out docs/checkpoints.json` on {cp['when']}: SelfExtend G16 W1024, checkpoints every {cp['every']:g} s "
+        "(the default), the two readings alternating.",
+        "",
+        "| round | without (s) | with (s) | with / without | checkpoints | MiB written | writing (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(cp["rounds"], 1):
+        a, b = r["without"], r["with"]
+        out.append(
+            f"| {i} | {a['seconds']:.1f} | {b['seconds']:.1f} | {b['seconds'] / a['seconds']:.3f} | {b['writes']} | "
+            f"{b['bytes'] / 2**20:,.0f} | {b['write_seconds']:.1f} |"
+        )
+    out += [
+        "",
+        "The time left shown (the reading's cost model, as the CLI, the page and the API show it) against the time "
+        "it then really took, and the average rate's estimate beside it:",
+        "",
+        "| round | reading | at | really left (s) | shown (s) | error | average rate's (s) | its error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in cp["time_left"]:
+        cells = [f"{c:.1f}" if isinstance(c, float) else str(c) for c in row]
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def render_beside(beside: dict | None) -> list[str]:
+    """A chat beside a reading (`python scripts/bench_beside.py`)."""
+    if not beside:
+        return []
+    out = [
+        "## A chat beside a reading (CPU)",
+        "",
+        f"Measured by `python scripts/bench_beside.py --out docs/beside.json` on {beside['when']}: the server "
+        "(`serve --parallel 2 --no-cache`) reads a ~9k-token document alone, answers a streamed chat alone, then "
+        "both: the chat starts once the reading is a quarter in. Chat decode tok/s; the reading's tok/s over its "
+        "whole length, and while the chat streamed.",
+        "",
+        "| round | document tokens | chat alone | chat beside | reading alone | reading beside | reading during "
+        "the chat |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(beside["rounds"], 1):
+        a, b = r["alone"], r["beside"]
+        out.append(
+            f"| {i} | {a['tokens']:,} | {a['chat']:.1f} | {b['chat']:.1f} | {a['reading']:.1f} | {b['reading']:.1f} | "
+            f"{b['during']:.1f} |"
+        )
+    out += [
+        "",
+        f"Median of the rounds' ratios: chat beside / alone {beside['chat_ratio']:.3f}; reading beside / alone "
+        f"{beside['reading_ratio']:.3f}; reading while the chat streamed / alone {beside['during_ratio']:.3f}.",
+        "",
+    ]
     return out
 
 

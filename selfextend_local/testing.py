@@ -69,3 +69,34 @@ def make_text_files(folder: Path, n: int = 4, chars: int = 1500, offset: int = 0
         path.write_text(text[start : start + chars])
         files.append(path)
     return files
+
+
+def tiny_pdf(text: str, to_unicode: str | None = None) -> bytes:
+    """A one-page PDF showing ``text`` (ASCII) in Helvetica; ``to_unicode``: the UTF-16 hex its font's
+    ToUnicode map gives the first character code (the others follow), as a damaged or hostile PDF may."""
+    content = f"BT /F1 12 Tf 10 50 Td ({text}) Tj ET".encode()
+    font = b"<</Type/Font/Subtype/Type1/BaseFont/Helvetica" + (b"/ToUnicode 6 0 R" if to_unicode else b"") + b">>"
+    objects = [
+        b"<</Type/Catalog/Pages 2 0 R>>",
+        b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
+        b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 300 100]/Contents 4 0 R/Resources<</Font<</F1 5 0 R>>>>>>",
+        b"<</Length %d>>stream\n" % len(content) + content + b"\nendstream",
+        font,
+    ]
+    if to_unicode:
+        cmap = (
+            "/CIDInit /ProcSet findresource begin 12 dict begin begincmap /CMapName /X def 1 begincodespacerange "
+            f"<00> <FF> endcodespacerange 1 beginbfrange <00> <FF> <{to_unicode}> endbfrange endcmap "
+            "CMapName currentdict /CMap defineresource pop end end"
+        ).encode()
+        objects.append(b"<</Length %d>>stream\n" % len(cmap) + cmap + b"\nendstream")
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)

@@ -43,9 +43,12 @@ def name(client):
 def test_list_show_ps_and_version(client, server, name):
     assert name == "SmolLM2-135M-Instruct.Q4_1:latest"
     shown = client.show(name)
-    assert shown.capabilities == ["completion"] and shown.details.family == "llama"
+    assert shown.capabilities == ["completion", "tools"] and shown.details.family == "llama"
     assert shown.details.quantization_level == "Q4_1" and shown.details.parameter_size == "135M"
     assert shown.modelinfo["llama.context_length"] == 8192 and "<|im_start|>" in shown.template
+    assert shown.template.startswith("{#") and "not Ollama's Go template" in shown.template.split("#}")[0]
+    parameters = dict(line.split(None, 1) for line in shown.parameters.splitlines())
+    assert parameters["num_ctx"] == "2048" and parameters["temperature"] == "0.7" and "repeat_penalty" in parameters
     (loaded,) = client.ps().models
     assert loaded.model == name and loaded.context_length == 2048
     version = httpx.get(f"{server}/api/version", headers={"Authorization": f"Bearer {KEY}"}).json()
@@ -70,6 +73,15 @@ def test_generate_and_continue_from_its_context(client, name):
     assert templated.response.strip()
 
 
+def test_a_follow_up_after_a_context_is_the_next_users_turn(client, name):
+    """A prompt after a reply's context is wrapped as the template's next user turn (it was appended raw,
+    and the reply to it came back empty)."""
+    first = client.generate(model=name, prompt="Name a fruit.", options=GREEDY)
+    more = client.generate(model=name, prompt="Name a vegetable.", context=first.context, options=GREEDY)
+    assert more.response.strip() and more.context[: len(first.context)] == first.context
+    assert more.prompt_eval_count > 6  # the assistant's turn closed and a user's opened, not 5 tokens of text
+
+
 def test_format_with_a_schema_gives_json_that_validates(client, name):
     ask = [{"role": "user", "content": "Describe the colour of the sky as JSON."}]
     reply = client.chat(model=name, messages=ask, format=COLOUR, options={"temperature": 0, "num_predict": 60})
@@ -87,8 +99,13 @@ def test_format_with_a_schema_gives_json_that_validates(client, name):
             404,
         ),
         (
-            lambda c, n: c.chat(model=n, messages=[{"role": "user", "content": "hi"}], options={"repeat_penalty": 1.3}),
-            "repeat_penalty",
+            lambda c, n: c.chat(model=n, messages=[{"role": "user", "content": "hi"}], options={"repeat_penalty": 0}),
+            "options.repeat_penalty must be above 0",
+            400,
+        ),
+        (
+            lambda c, n: c.chat(model=n, messages=[{"role": "user", "content": "hi"}], options={"mirostat": 2}),
+            "options.mirostat is not supported",
             400,
         ),
         (
@@ -100,11 +117,14 @@ def test_format_with_a_schema_gives_json_that_validates(client, name):
             lambda c, n: c.chat(
                 model=n,
                 messages=[{"role": "user", "content": "hi"}],
-                tools=[{"type": "function", "function": {"name": "f"}}],
+                tools=[{"type": "function", "function": {"name": f}} for f in "fg"],
             ),
-            "tools",
+            "tools: give one function",
             400,
         ),
+        (lambda c, n: c.embed(model=n, input="hi"), "/api/embed is not supported", 501),
+        (lambda c, n: c.pull(n), "/api/pull is not supported", 501),
+        (lambda c, n: c.delete(n), "/api/delete is not supported", 501),
         (lambda c, n: c.chat(model=n, messages=[{"role": "user", "content": "hi"}], think=True), "think", 400),
     ],
 )
@@ -175,3 +195,86 @@ def test_the_openai_clients_other_calls(server):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], logprobs=True)
     assert err.value.body["param"] == "logprobs"
+
+
+def test_repeat_penalty_and_the_other_penalties_are_applied(client, name):
+    """The penalties Ollama's clients send by default are llama.cpp's penalties sampler here (they were refused)."""
+    prompt = "echo echo echo echo echo echo echo echo"
+    plain = client.generate(model=name, prompt=prompt, raw=True, options=GREEDY)
+    penalised = client.generate(model=name, prompt=prompt, raw=True, options={**GREEDY, "repeat_penalty": 1.8})
+    assert plain.response.strip() and penalised.response.strip() and penalised.response != plain.response
+    usual = {**GREEDY, "repeat_penalty": 1.1, "repeat_last_n": 64, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+    assert client.chat(model=name, messages=[{"role": "user", "content": "Say hi."}], options=usual).message.content
+
+
+def test_unknown_endpoints_answer_in_ollamas_shape(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for method, path, status in (
+        ("POST", "/api/embeddings", 501),
+        ("POST", "/api/nothing", 404),
+        ("GET", "/api/chat", 405),
+    ):
+        reply = httpx.request(method, f"{server}{path}", headers=headers, json={})
+        assert reply.status_code == status and path in reply.json()["error"], reply.text
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_one_tool_on_ollamas_chat_is_a_call_to_it(client, name):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = client.chat(model=name, messages=ask, tools=[WEATHER], options={"temperature": 0, "num_predict": 40})
+    (call,) = reply.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(call.function.arguments["city"], str)
+    streamed = list(
+        client.chat(model=name, messages=ask, tools=[WEATHER], stream=True, options=GREEDY | {"num_predict": 40})
+    )
+    assert streamed[-1].message.tool_calls[0].function.arguments == call.function.arguments
+
+
+def test_a_named_tool_choice_is_a_call_in_openais_shape(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = client.chat.completions.create(
+        model="m", messages=ask, tools=[WEATHER], tool_choice=named, max_tokens=40, temperature=0
+    )
+    choice = reply.choices[0]
+    (call,) = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    parts = client.chat.completions.create(
+        model="m", messages=ask, tools=[WEATHER], tool_choice="required", max_tokens=40, temperature=0, stream=True
+    )
+    chunks = list(parts)
+    streamed = "".join(tc.function.arguments or "" for c in chunks for tc in c.choices[0].delta.tool_calls or [])
+    assert streamed == call.function.arguments and chunks[-1].choices[0].finish_reason == "tool_calls"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", messages=ask, tools=[WEATHER], max_tokens=4)
+    assert err.value.body["param"] == "tool_choice" and "response_format" in err.value.body["message"]
+
+
+def test_instructor_in_its_default_mode_against_serve(server):
+    """instructor.from_openai's default mode (TOOLS), unmodified, against the server (it was a 400)."""
+    instructor = pytest.importorskip("instructor")
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=30)
+        country: str = Field(max_length=30)
+
+    client = instructor.from_openai(openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120))
+    ask = [{"role": "user", "content": "Which city is the Eiffel Tower in?"}]
+    city = client.chat.completions.create(model="m", response_model=City, messages=ask, max_tokens=60, temperature=0)
+    assert isinstance(city, City) and city.name

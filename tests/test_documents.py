@@ -210,3 +210,109 @@ def test_a_cache_that_cannot_be_written_says_so(tmp_path, obstacle):
         cache.put(IDENTITY, write, 1, {}, {})
     assert get(cache, IDENTITY) is None
     assert not list(root.glob(".tmp-*")) if root.is_dir() else True
+
+
+# -- the server's library of uploads (no model) -----------------------------------------------------
+
+
+def library(tmp_path, **limits):
+    from selfextend_local.serving.library import Library
+
+    return Library(tmp_path / "docs", **limits)
+
+
+def upload(data: bytes, name: str | None = None, kind: str = ""):
+    from selfextend_local.serving.library import Upload
+
+    return Upload(data, name, kind)
+
+
+def test_one_document_uploaded_by_many_at_once_is_stored_once(tmp_path):
+    """Eight threads store the same bytes at once: one reading, one copy, no temporary file left (the
+    temporary names were the process id alone, and two writers collided)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    books = library(tmp_path)
+    data = ("The lighthouse keeper counts the ships. " * 2000).encode()
+    with ThreadPoolExecutor(8) as pool:
+        cards = list(pool.map(lambda _: books.add(upload(data, "ships.txt")), range(16)))
+    assert len({card.id for card in cards}) == 1 and len(books.cards()) == 1
+    assert sorted(p.suffix for p in (tmp_path / "docs").iterdir()) == [".json", ".txt"]
+
+
+def test_a_form_upload_stores_its_file_not_the_envelope(tmp_path):
+    import httpx
+
+    body = b"# Notes\n\nThe key is 4127."
+    request = httpx.Request("POST", "http://x/", files={"file": ("notes.md", body, "text/markdown")})
+    card = library(tmp_path).add(upload(request.read(), None, request.headers["content-type"]))
+    assert card.name == "notes.md" and card.chars == len(body.decode())
+    assert (tmp_path / "docs" / f"{card.id}.txt").read_bytes() == body
+
+
+def test_a_pdf_without_a_name_is_read_as_a_pdf(tmp_path):
+    from selfextend_local.testing import tiny_pdf
+
+    books = library(tmp_path)
+    for kind in ("application/pdf", ""):  # said by its type, or by its own signature
+        card = books.add(upload(tiny_pdf("The harbour opens at dawn." + kind[:3]), None, kind))
+        assert card.kind == "pdf" and "harbour opens" in books.text(card.id)
+
+
+def test_a_pdf_mapping_its_glyphs_to_lone_surrogates_is_stored_cleaned(tmp_path):
+    from selfextend_local.testing import tiny_pdf
+
+    books = library(tmp_path)
+    card = books.add(upload(tiny_pdf("The harbour", to_unicode="D800"), "odd.pdf"))
+    assert books.text(card.id).strip("? \n") == ""  # each glyph a replacement: UTF-8 that can be written
+
+
+def test_errors_name_the_users_file_and_no_server_path(tmp_path):
+    books = library(tmp_path)
+    for data, name in ((b"caf\xe9", "notes.txt"), (b"\x00\x01binary", "blob.md"), (b"%PDF-1.4 cut", "cut.pdf")):
+        with pytest.raises(BadInputError) as err:
+            books.add(upload(data, name))
+        said = str(err.value)
+        assert name in said and "/tmp" not in said and "selfextend-upload" not in said, said
+    with pytest.raises(BadInputError) as err:
+        books.add(upload(b"\xff\xfe" * 10, "x" * 10_000 + ".txt"))
+    assert len(str(err.value)) < 400
+
+
+def test_the_question_mark_of_qas_prompt_is_not_kept_in_a_document(tmp_path):
+    books = library(tmp_path)
+    card = books.add(upload(b"Before. " * 2000 + b"\x00QUESTION\x00 after.", "marked.txt"))
+    assert "\x00" not in books.text(card.id) and "QUESTION after." in books.text(card.id)
+
+
+def test_a_parse_that_takes_too_long_is_given_up_by_name(tmp_path):
+    nested = b"<div>" * 100_000 + b"deep" + b"</div>" * 100_000
+    with pytest.raises(BadInputError, match=r"deep.html took over 0.2 s to read and was given up"):
+        library(tmp_path, seconds=0.2).add(upload(nested, "deep.html"))
+
+
+def test_a_parse_that_needs_too_much_memory_is_refused_by_name(tmp_path):
+    flat = b"<p>word</p>" * 200_000  # 2.2 MB of HTML: a parse tree of well over 100 MiB
+    with pytest.raises(BadInputError, match=r"flat.html could not be read within the reader's 100 MiB"):
+        library(tmp_path, memory=100 << 20).add(upload(flat, "flat.html"))
+
+
+def test_listing_beside_removal_and_a_damaged_card(tmp_path):
+    import threading
+
+    books = library(tmp_path)
+    cards = [books.add(upload(f"Document number {i}.".encode(), f"d{i}.txt")) for i in range(30)]
+    (tmp_path / "docs" / f"{'0' * 32}.json").write_text("{not json")
+    listed, stop = [], threading.Event()
+
+    def lister() -> None:
+        while not stop.is_set():
+            listed.append(len(books.cards()))
+
+    thread = threading.Thread(target=lister)
+    thread.start()
+    for card in cards:
+        assert books.remove(card.id)
+    stop.set()
+    thread.join()
+    assert listed and books.cards() == []

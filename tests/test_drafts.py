@@ -121,7 +121,7 @@ def test_draft_settings_out_of_range_are_refused():
     for bad in (-1, MAX_DRAFT + 1):
         with pytest.raises(BadInputError, match=f"--draft must be between 0 and {MAX_DRAFT}, got {bad}"):
             SamplingSettings(draft=bad)
-    with pytest.raises(BadInputError, match="--draft must be a whole number"):
+    with pytest.raises(BadInputError, match="--draft must be a whole number, got 2.5"):
         SamplingSettings(draft=2.5)
 
 

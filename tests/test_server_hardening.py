@@ -328,8 +328,8 @@ def test_text_that_is_not_unicode_or_a_role_that_is_not_a_name_is_a_400(open_ser
     ("extra", "param"),
     [
         ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # "auto": not ours to pick
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
         ({"logit_bias": {"42": 5}}, "logit_bias"),
         ({"max_tokens": True}, "max_tokens"),
         ({"temperature": "hot"}, "temperature"),
@@ -346,7 +346,7 @@ def test_neutral_values_and_caller_fields_pass(open_server):
     body = {
         "messages": [{"role": "user", "content": "Hi"}],
         "max_completion_tokens": 2,
-        "frequency_penalty": 0,
+        "frequency_penalty": 0.5,
         "logprobs": False,
         "tools": [],
         "user": "someone",

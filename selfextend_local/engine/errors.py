@@ -32,6 +32,20 @@ class Naming:
         return ", ".join(f"{self.name(k)}={v}" for k, v in values.items())
 
 
+SHOWN_CHARS = 80  # of a value a user gave, echoed in an error: enough to recognise it, never 100 KB of it
+
+
+def shown(value: object, most: int = SHOWN_CHARS) -> str:
+    """``value`` as an error echoes it: its repr (a string's, quoted), cut to ``most`` characters and '…'."""
+    text = repr(value)
+    return text if len(text) <= most else text[:most] + "…"
+
+
+def cut(text: str, most: int = SHOWN_CHARS) -> str:
+    """A name or id as an error echoes it, unquoted: at most ``most`` characters and '…'."""
+    return text if len(text) <= most else text[:most] + "…"
+
+
 CLI = Naming(flags=True)
 PYTHON = Naming(
     {

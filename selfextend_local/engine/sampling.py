@@ -33,14 +33,34 @@ class Sampler:
     a rejected token, on the engine's thread, so every other sequence of the batch waited for it."""
 
     def __init__(self, settings: SamplingSettings, model=None) -> None:
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        self.chain = chain
+        self.chain = self.grammar = None
         self.model = model
-        self.grammar = grammar_sampler(model.vocab, settings.grammar) if settings.grammar is not None else None
         self._candidates: Candidates | None = None
         self._rows: dict[int, np.ndarray] = {}  # logits rows as arrays, by address (see _row)
         self.settings = settings
         self.accepted = 0
+        # a plain argmax of the logits is the greedy chain's pick only without penalties
+        self.argmax = settings.greedy and not settings.penalised and model is not None
+        try:
+            self.grammar = grammar_sampler(model.vocab, settings.grammar) if settings.grammar is not None else None
+            self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+            self._build(settings)
+        except BaseException:  # nothing of a sampler that failed half-way is left allocated
+            self.close()
+            raise
+
+    def _build(self, settings: SamplingSettings) -> None:
+        if settings.penalised:  # first, as llama.cpp's common sampler puts them: over the raw logits
+            last_n = settings.max_tokens if settings.repeat_last_n < 0 else settings.repeat_last_n
+            self._add(
+                llama_cpp.llama_sampler_init_penalties(
+                    self.model.n_vocab,
+                    min(last_n, settings.max_tokens),  # the reply's tokens are all it remembers
+                    settings.repeat_penalty,
+                    settings.frequency_penalty,
+                    settings.presence_penalty,
+                )
+            )
         if settings.greedy:
             self._add(llama_cpp.llama_sampler_init_greedy())
             return
@@ -61,7 +81,7 @@ class Sampler:
         Raises GrammarDeadEnd when the grammar allows no token: accepting one it rejects would abort llama.cpp."""
         if self.grammar is not None:
             return self._sample_in_grammar(llama_cpp.llama_get_logits_ith(ctx, index))
-        if self.settings.greedy and self.model is not None:
+        if self.argmax:
             return self._argmax(llama_cpp.llama_get_logits_ith(ctx, index))
         return llama_cpp.llama_sampler_sample(self.chain, ctx, index)
 
@@ -86,7 +106,7 @@ class Sampler:
         if self._candidates is None:
             self._candidates = Candidates(self.model.n_vocab)
             self._candidates.first_bytes = first_bytes(self.model)
-        token = self._argmax(logits) if self.settings.greedy else self._candidates.pick(self.chain, logits)
+        token = self._argmax(logits) if self.argmax else self._candidates.pick(self.chain, logits)
         if not self._candidates.allowed(self.grammar, token):
             token = self._candidates.pick_allowed(self.chain, self.grammar, logits, self.settings)
             if token is None or not self._candidates.allowed(self.grammar, token):
@@ -229,7 +249,10 @@ _NEGLIGIBLE = math.log(1e-6)
 
 
 def _settled(allowed: np.ndarray, top: np.ndarray, values: np.ndarray, settings: SamplingSettings, n_vocab: int):
-    """Whether the allowed tokens among the likeliest ``top`` are all the chain could pick from."""
+    """Whether the allowed tokens among the likeliest ``top`` are all the chain could pick from (never with
+    penalties: they move tokens of the reply down, or up, from where the raw logits put them)."""
+    if settings.penalised:
+        return False
     if settings.greedy or (settings.top_k and allowed.size >= settings.top_k):
         return True
     gap = float(values[top[-1]] - values[allowed[0]]) / settings.temperature  # every other token is below

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import kvtypes
-from .errors import BadInputError, Name, Setting
+from .errors import BadInputError, Name, Setting, shown
 
 SCHEDULES = ("neighbor", "llamacpp")
 DIVISIONS = ("auto", "native", "emulated")
@@ -28,6 +28,10 @@ MAX_TOP_K = 1 << 20
 MAX_TOKENS = 1 << 20
 MAX_STOPS = 4  # as the OpenAI API
 MAX_STOP_CHARS = 256
+MAX_SEED = 1 << 64  # a seed is taken modulo 2**32; beyond 64 bits a number is a mistake, not a seed
+MAX_REPEAT_PENALTY = 10.0  # llama.cpp divides a repeated token's logit by it: beyond, every repeat is gone
+MAX_PENALTY = 2.0  # presence and frequency, as the OpenAI API
+MAX_REPEAT_LAST_N = 1 << 16  # llama.cpp keeps a ring of this many tokens a request
 # Tokens a request may draft a step from its own text (engine/drafting.py; 0: none). Off until measured to
 # never lose (scripts/bench_drafts.py): the default everywhere (CLI, server, Llama) is this one constant.
 DRAFT = 0
@@ -50,9 +54,30 @@ def max_threads() -> int:
     return THREADS_PER_CORE * default_threads()
 
 
+def check_type(key: str, value: object, kind: type) -> None:
+    """Raise BadInputError naming setting ``key`` unless ``value`` is of ``kind``: int (a whole number, not
+    a bool), float (an int or a float, not a bool), str; None passes (the fields that take it say so by
+    their default). Values come from JSON and Python callers as they are: a string or a float where a
+    whole number is wanted must be refused here, before arithmetic on it fails somewhere else."""
+    if value is None:
+        return
+    kinds = (int, float) if kind is float else (kind,)
+    if isinstance(value, kinds) and not isinstance(value, bool):
+        return
+    wanted = {int: "a whole number", float: "a number", str: "text"}[kind]
+    raise BadInputError(
+        "{name} must be {wanted}, got {value}", param=key, name=Name(key), wanted=wanted, value=shown(value)
+    )
+
+
+def check_types(settings: object, kinds: Mapping[str, type]) -> None:
+    for key, kind in kinds.items():
+        check_type(key, getattr(settings, key), kind)
+
+
 def check_range(key: str, value: int | float | None, low: float, high: float, low_open: bool = False) -> None:
     """Raise BadInputError about setting ``key`` unless ``low <= value <= high`` (``low < value`` when
-    ``low_open``); None passes."""
+    ``low_open``); None passes. Bounds that are ints are a whole-number setting's (said as such)."""
     if value is None:
         return
     if isinstance(value, float) and not math.isfinite(value):
@@ -60,7 +85,7 @@ def check_range(key: str, value: int | float | None, low: float, high: float, lo
     below = value <= low if low_open else value < low
     if not (below or value > high):
         return
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int) and isinstance(low, int) and isinstance(high, int):  # a whole-number setting
         low_int = int(low) + 1 if low_open else int(low)
         raise BadInputError(
             "{name} must be between {low} and {high}, got {value}",
@@ -68,7 +93,7 @@ def check_range(key: str, value: int | float | None, low: float, high: float, lo
             name=Name(key),
             low=low_int,
             high=int(high),
-            value=value,
+            value=shown(value),
         )
     raise BadInputError(
         "{name} must be {side} {low:g} and at most {high:g}, got {value:g}",
@@ -120,6 +145,7 @@ class ExtendSettings:
     division: str = "auto"
 
     def __post_init__(self) -> None:
+        check_types(self, {"group": int, "window": int, "schedule": str, "division": str})
         _positive("group", self.group, MAX_GROUP)
         _positive("window", self.window, MAX_WINDOW)
         if self.schedule not in SCHEDULES:
@@ -146,6 +172,8 @@ class RuntimeSettings:
     flash_attn: str = "auto"  # llama.cpp's choice, or forced on or off
 
     def __post_init__(self) -> None:
+        kinds = {"ctx": int, "threads": int, "gpu_layers": int, "batch": int, "kv_type": str, "flash_attn": str}
+        check_types(self, kinds)
         _positive("ctx", self.ctx, MAX_CTX)
         _positive("threads", self.threads, max_threads())
         _positive("batch", self.batch, MAX_BATCH)
@@ -169,7 +197,10 @@ class RuntimeSettings:
 class SamplingSettings:
     """Sampling for generation. temperature 0 means greedy; seed None means a random seed; ``grammar``
     constrains every reply (structured output), and ``schema`` is what a finished reply is checked against
-    (True: one JSON value; a JSON schema: a value valid against it; see :mod:`.grammar`)."""
+    (True: one JSON value; a JSON schema: a value valid against it; see :mod:`.grammar`). The penalties are
+    llama.cpp's (``llama_sampler_init_penalties``) over the last ``repeat_last_n`` tokens of the reply (-1:
+    all of it): a repeated token's logit divided by ``repeat_penalty`` (1: off), less ``frequency_penalty``
+    a time it was seen and ``presence_penalty`` once (0: off)."""
 
     temperature: float = 0.7
     top_k: int = 40
@@ -180,17 +211,39 @@ class SamplingSettings:
     min_p: float = 0.0
     grammar: str | None = None  # GBNF (root rule "root") that every reply must match, e.g. JSON of a schema
     schema: Mapping | bool | None = None
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     draft: int = DRAFT  # tokens drafted a step from the request's own text, at most (0: none)
 
     def __post_init__(self) -> None:
-        check_range("temperature", self.temperature, 0, MAX_TEMPERATURE)
-        if not isinstance(self.draft, int) or isinstance(self.draft, bool):
-            raise BadInputError("{name} must be a whole number of tokens", param="draft", name=Name("draft"))
+        check_types(self, SAMPLING_TYPES)
+        for key in ("temperature", "top_k", "top_p", "min_p", "max_tokens", "repeat_penalty", "repeat_last_n", "draft"):
+            if getattr(self, key) is None:
+                raise BadInputError("{name} must be a number, got null", param=key, name=Name(key))
+        check_range("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
         check_range("draft", self.draft, 0, MAX_DRAFT)
         check_range("top_k", self.top_k, 0, MAX_TOP_K)
-        check_range("top_p", self.top_p, 0, 1, low_open=True)
-        check_range("min_p", self.min_p, 0, 1)
+        check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_range("min_p", self.min_p, 0.0, 1.0)
+        check_range("seed", self.seed, -MAX_SEED, MAX_SEED)
         _positive("max_tokens", self.max_tokens, MAX_TOKENS)
+        check_range("repeat_penalty", self.repeat_penalty, 0.0, MAX_REPEAT_PENALTY, low_open=True)
+        check_range("repeat_last_n", self.repeat_last_n, -1, MAX_REPEAT_LAST_N)
+        check_range("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
+        check_range("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
+        self._check_stop()
+
+    def _check_stop(self) -> None:
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
+            raise BadInputError(
+                "{name} must be a string or a list of strings, got {value}",
+                param="stop",
+                name=Name("stop"),
+                value=shown(self.stop),
+            )
+        object.__setattr__(self, "stop", tuple(self.stop))  # a list from JSON or Ray: the settings stay hashable
         if len(self.stop) > MAX_STOPS:
             raise BadInputError("at most {most} stop strings, got {n}", param="stop", most=MAX_STOPS, n=len(self.stop))
         if any(not s for s in self.stop):
@@ -201,3 +254,24 @@ class SamplingSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty changes the logits (then the pick is not the plain logits' argmax)."""
+        neutral = self.repeat_penalty == 1 and not self.presence_penalty and not self.frequency_penalty
+        return not neutral and self.repeat_last_n != 0
+
+
+SAMPLING_TYPES = {
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "seed": int,
+    "max_tokens": int,
+    "min_p": float,
+    "repeat_penalty": float,
+    "repeat_last_n": int,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "draft": int,
+}

@@ -424,7 +424,11 @@ class Engine:
             slot.sequence = Sequence(self.context, slot.index, request.plan)
         if request.held is None:
             self._start_from_kept(slot, request.prompt)
-        slot.start(request)
+        try:
+            slot.start(request)
+        except BaseException:  # e.g. its sampler refused: the request ends alone, its slot free and clean
+            slot.release()
+            raise
         self.budget.started(slot.index)
         request.on_start()
         if not slot.pending and not request.generate:  # all of it was there already: nothing to read

@@ -17,9 +17,11 @@ from pathlib import Path
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import scheduler
 from ..engine.capacity import Capacity
+from ..engine.errors import cut
 from ..engine.kvcache import KVCache, default_dir
 from ..engine.model import Model
 from ..engine.settings import CHECKPOINT_SECONDS, DRAFT, ExtendSettings, RuntimeSettings
@@ -127,6 +129,7 @@ def create_app(
     app.state.server = server
     app.state.documents = documents_api.Documents(server)
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(Guard, server=server)
     for routes in (router, openai_api.router, ollama_api.router, documents_api.router, page.router):
         app.include_router(routes)
@@ -145,6 +148,15 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return error_response(request, exc)
 
 
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route, a method a route does not take) in the API's shape, naming
+    what was asked for."""
+    what = f"{request.method} {cut(request.url.path)}"
+    said = {404: "no such endpoint", 405: "the endpoint does not take this method"}.get(exc.status_code, exc.detail)
+    code = "not_found" if exc.status_code == 404 else None
+    return error_response(request, APIError(exc.status_code, f"{what}: {said}", code=code, headers=exc.headers))
+
+
 router = APIRouter()
 
 
@@ -158,10 +170,12 @@ async def status(request: Request) -> dict:
     """What the engine thread is doing (behind the API key, unlike /health)."""
     server = server_of(request)
     serving = server.serving
+    busy = serving.busy_slots
     return {
         "model": server.model_id,
-        "queued": serving.pending,
-        "busy_slots": serving.busy_slots,
+        # waiting for a slot: the places taken (running and waiting, ServingThread.pending) less those in slots
+        "queued": max(0, serving.pending - busy),
+        "busy_slots": busy,
         "slots": serving.slots,
         "cells": serving.cells,
         "kv_type": server.runtime.kv_type,

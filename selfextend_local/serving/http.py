@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from ..engine.checkpoint import Checkpointing
-from ..engine.errors import InputTooLongError, Interrupted, Naming, SelfExtendError
+from ..engine.errors import InputTooLongError, Interrupted, Naming, SelfExtendError, cut
 from ..engine.eta import Clock
 from ..engine.grammar import ReplyError
 from ..engine.kvcache import KVCache
@@ -152,7 +152,7 @@ async def parse(request: Request, schema: type[BaseModel]) -> BaseModel:
         body = schema.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = cut(".".join(str(p) for p in first["loc"])) or None
         raise APIError(400, f"invalid field {param}: {first['msg']}", param=param) from None
     if hasattr(body, "refuse_unsupported"):
         body.refuse_unsupported()

@@ -57,18 +57,37 @@ def usage(chunk: Chunk | None, prompt_tokens: int) -> dict:
 @dataclass(frozen=True)
 class Reply:
     """One response's identity: ``chat`` (chat.completion) or not (text_completion); ``served``, the
-    SelfExtend setting that served it (``selfextend`` in the response, beside ``usage``)."""
+    SelfExtend setting that served it (``selfextend`` in the response, beside ``usage``); ``tool``, the
+    function a chat reply calls (its text is then the call's arguments, sent as ``tool_calls``)."""
 
     model: str
     chat: bool
     id: str = ""
     created: int = 0
     served: dict | None = None
+    tool: str | None = None
+    call_id: str = ""
 
     @classmethod
-    def new(cls, model: str, chat: bool, served: dict | None = None) -> Reply:
+    def new(cls, model: str, chat: bool, served: dict | None = None, tool: str | None = None) -> Reply:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        return cls(model, chat, rid, int(time.time()), served)
+        return cls(model, chat, rid, int(time.time()), served, tool, f"call_{uuid.uuid4().hex[:24]}")
+
+    def _finish(self, finish: str | None) -> str | None:
+        return "tool_calls" if self.tool is not None and finish == "stop" else finish
+
+    def _message(self, text: str) -> dict:
+        if self.tool is None:
+            return {"role": "assistant", "content": text}
+        call = {"id": self.call_id, "type": "function", "function": {"name": self.tool, "arguments": text}}
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+    def _text_delta(self, text: str, first: bool) -> dict:
+        if self.tool is None:
+            return {"role": "assistant", "content": text} if first else {"content": text}
+        if first:
+            return {**self._message(text), "tool_calls": [{"index": 0, **self._message(text)["tool_calls"][0]}]}
+        return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
 
     def _served(self) -> dict:
         return {"selfextend": self.served} if self.served is not None else {}
@@ -85,9 +104,9 @@ class Reply:
 
     def whole(self, text: str, last: Chunk | None, prompt_tokens: int) -> dict:
         """The complete response: one choice with the text, its finish reason, and usage."""
-        choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason(last)}
+        choice = {"index": 0, "logprobs": None, "finish_reason": self._finish(finish_reason(last))}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = self._message(text)
             kind = "chat.completion"
         else:
             choice["text"] = text
@@ -98,7 +117,7 @@ class Reply:
         """A stream chunk with ``text`` (the chat's first one carries the role; the last, the reason and
         the setting that served it)."""
         if self.chat:
-            return self.delta({"role": "assistant", "content": text} if first else {"content": text}, finish)
+            return self.delta(self._text_delta(text, first), self._finish(finish))
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return self._envelope("text_completion", [choice], **(self._served() if finish else {}))
 

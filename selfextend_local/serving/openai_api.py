@@ -11,14 +11,14 @@ one reports how far a long prompt has been read when asked (``return_progress``,
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.errors import SelfExtendError
+from ..engine.errors import BadInputError, Name, Naming, SelfExtendError, cut
 from ..engine.grammar import Structure, response_format_structure
 from ..engine.sampling import Chunk, check_grammar
 from ..engine.settings import ExtendSettings, SamplingSettings
@@ -41,6 +41,7 @@ from .http import start as start_call
 from .http import watch as watch_call
 from .openai import Reply, timings
 from .sse import DONE, EventStream, event
+from .tools import Tool, openai_choice, with_note
 
 
 class SelfExtendOptions(BaseModel):
@@ -67,13 +68,15 @@ class Message(BaseModel):
     model_config = ConfigDict(strict=True)
     role: str
     content: str | list[TextPart] | None = None
+    tool_calls: list | None = None  # an assistant's calls, as a client sends its conversation back
 
     def text(self, index: int) -> str:
-        """The content as one string: text parts joined; null only where OpenAI allows it (assistant)."""
+        """The content as one string: text parts joined; null only where OpenAI allows it (assistant, whose
+        calls' arguments are then its text, so the model sees what it wrote)."""
         if self.content is None:
             if self.role != "assistant":
                 raise APIError(400, f"messages[{index}].content is null", param=f"messages.{index}.content")
-            return ""
+            return "\n".join(_call_text(call) for call in self.tool_calls or [])
         if isinstance(self.content, str):
             return self.content
         for part in self.content:
@@ -86,17 +89,18 @@ class Message(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+def _call_text(call: object) -> str:
+    arguments = call.get("function", {}).get("arguments") if isinstance(call, dict) else None
+    return arguments if isinstance(arguments, str) else ""
+
+
 # OpenAI's fields this server does not honour, with the values that change nothing (accepted); any other
 # value is refused by name, as `Llama` refuses the same arguments. Fields that only describe the caller are
 # ignored, as OpenAI's own documentation says they may be.
 NEUTRAL_FIELDS: dict[str, tuple] = {
-    "frequency_penalty": (0, 0.0, None),
-    "presence_penalty": (0, 0.0, None),
     "logit_bias": (None, {}),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None, True, False),
@@ -122,6 +126,8 @@ class CommonRequest(BaseModel):
     top_k: int | None = None  # llama.cpp's extensions, as its server takes them
     min_p: float | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     n: int | None = None
@@ -144,8 +150,8 @@ class CommonRequest(BaseModel):
             if key in NEUTRAL_FIELDS:
                 message = f"{key} is not supported by this server; leave it out"
             else:
-                message = f"unrecognised request field {key!r}"
-            raise APIError(400, message, param=key, code="unsupported_field")
+                message = f"unrecognised request field {cut(key)!r}"
+            raise APIError(400, message, param=cut(key), code="unsupported_field")
 
     def sampling_fields(self) -> dict:
         """The sampling settings this request gives (the others are the defaults)."""
@@ -156,6 +162,8 @@ class CommonRequest(BaseModel):
             "top_k": self.top_k,
             "min_p": self.min_p,
             "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
             "max_tokens": self.max_completion_tokens or self.max_tokens,
             "stop": tuple(s for s in stops if s) or None,
             "draft": self.selfextend.draft if self.selfextend else None,
@@ -167,11 +175,21 @@ class ChatRequest(CommonRequest):
     messages: list[Message] = Field(min_length=1)
     response_format: dict | None = None
     document: str | None = None  # a document given to the server: the last user message is a question on it
+    tools: list | None = None
+    tool_choice: str | dict | None = None
 
     input_param: ClassVar[str] = "messages"
 
+    def tool(self) -> Tool | None:
+        """The function the reply calls (:mod:`.tools`), or None for a text (or response_format) reply."""
+        tool = openai_choice(self.tools, self.tool_choice)
+        if tool is not None and self.response_format not in (None, {"type": "text"}):
+            raise APIError(400, "give a response_format or a function to call, not both", param="response_format")
+        return tool
+
     def structure(self) -> Structure | None:
-        return response_format_structure(self.response_format)
+        tool = self.tool()
+        return tool.structure("tools") if tool else response_format_structure(self.response_format)
 
 
 class CompletionRequest(CommonRequest):
@@ -184,14 +202,28 @@ def extend_for(options: SelfExtendOptions | None, base: ExtendSettings) -> Exten
 
 
 def sampling_for(fields: dict, structure: Structure | None, server: Server) -> SamplingSettings:
-    """The default sampling with the request's own ``fields`` and structure (checked against the server's
-    max_tokens limit, and the grammar against llama.cpp's parser)."""
+    """The default sampling with the request's own ``fields`` and structure (each field's type and range
+    checked by :class:`SamplingSettings`, then max_tokens against the server's limit, and the grammar
+    against llama.cpp's parser)."""
+    settings = replace(SamplingSettings(draft=server.draft), **fields, **(structure.fields() if structure else {}))
     most = server.limits.max_tokens
-    if fields.get("max_tokens", 0) > most:
-        raise APIError(400, f"max_tokens {fields['max_tokens']} is over this server's limit {most}", param="max_tokens")
+    if settings.max_tokens > most:
+        raise BadInputError(
+            "{name} {n} is over this server's limit {most}",
+            param="max_tokens",
+            name=Name("max_tokens"),
+            n=settings.max_tokens,
+            most=most,
+        )
     if structure is not None:
         check_grammar(server.model.vocab, structure.grammar)
-    return replace(SamplingSettings(draft=server.draft), **fields, **(structure.fields() if structure else {}))
+    return settings
+
+
+def naming_for(req: CommonRequest, tool: Tool | None = None) -> Naming:
+    """The request's field names; a reply held to a function's arguments blames ``tools`` for its schema."""
+    naming = http_naming(req.input_param)
+    return Naming({**naming.names, "response_format": "tools", "grammar": "tools"}) if tool else naming
 
 
 def settings_for(req: CommonRequest, server: Server) -> tuple[ExtendSettings, SamplingSettings]:
@@ -202,27 +234,71 @@ def settings_for(req: CommonRequest, server: Server) -> tuple[ExtendSettings, Sa
         raise APIError.of(exc, http_naming(req.input_param)) from None
 
 
-async def respond(request: Request, req: CommonRequest, tokens: list[int], chat: bool, held: Held | None = None):
+@dataclass
+class Begun:
+    """A request under way: its events, the reply they make, and its call (to cancel it)."""
+
+    events: AsyncIterator
+    reply: Reply
+    call: Call
+    n_prompt: int
+
+
+async def begin(
+    request: Request,
+    req: CommonRequest,
+    tokens: list[int],
+    chat: bool,
+    held: Held | None = None,
+    tool: Tool | None = None,
+    settings: tuple[ExtendSettings, SamplingSettings] | None = None,
+    finished: Callable[[], None] | None = None,
+) -> Begun:
+    """Hand ``tokens`` to the engine as ``req`` asks (``settings``: already made from it; ``finished``:
+    called, from any thread, once the engine is done with it) and wait until it has a slot."""
     server = server_of(request)
-    extend, sampling = await off_loop(server, settings_for, req, server)
-    call = Call(asyncio.get_running_loop(), http_naming(req.input_param))
+    extend, sampling = settings or await off_loop(server, settings_for, req, server)
+    call = Call(asyncio.get_running_loop(), naming_for(req, tool))
     engine_request = EngineRequest(tokens, sampling, extend, held=held)
     call.wire(engine_request, progress=req.stream and req.return_progress)
+    if finished is not None:
+        wired = engine_request.on_finish
+        engine_request.on_finish = lambda: (wired(), finished())
     events = await start_call(server, call, engine_request)
-    reply = Reply.new(server.model_id, chat, served_by(engine_request, server.runtime))
-    if req.stream:
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return EventStream(_events(events, reply, include_usage))
-    watcher = asyncio.create_task(watch_call(request, call))
+    reply = Reply.new(server.model_id, chat, served_by(engine_request, server.runtime), tool and tool.name)
+    return Begun(events, reply, call, len(tokens))
+
+
+async def respond(
+    request: Request,
+    req: CommonRequest,
+    tokens: list[int],
+    chat: bool,
+    held: Held | None = None,
+    tool: Tool | None = None,
+):
+    """Serve ``tokens`` as ``req`` asks and answer in OpenAI's shape (``tool``: as a call to it)."""
+    begun = await begin(request, req, tokens, chat, held, tool)
+    return EventStream(stream(begun, req)) if req.stream else await whole(request, begun)
+
+
+def stream(begun: Begun, req: CommonRequest) -> AsyncIterator[bytes]:
+    """The request's server-sent events."""
+    return _events(begun.events, begun.reply, bool((req.stream_options or {}).get("include_usage")))
+
+
+async def whole(request: Request, begun: Begun) -> dict:
+    """The whole reply, once generated (cancelled if the client goes away first)."""
+    watcher = asyncio.create_task(watch_call(request, begun.call))
     try:
         parts, last = [], None
-        async for event in events:
-            if isinstance(event, Chunk):
-                parts.append(event.text)
-                last = event
+        async for item in begun.events:
+            if isinstance(item, Chunk):
+                parts.append(item.text)
+                last = item
     finally:
         watcher.cancel()
-    return reply.whole("".join(parts), last, len(tokens))
+    return begun.reply.whole("".join(parts), last, begun.n_prompt)
 
 
 async def _events(events: AsyncIterator, reply: Reply, include_usage: bool):
@@ -269,7 +345,7 @@ async def model(request: Request, model_id: str) -> dict:
     if model_id != server.model_id:
         raise APIError(
             404,
-            f"the model {model_id!r} does not exist; this server has {server.model_id!r}",
+            f"the model {cut(model_id)!r} does not exist; this server has {server.model_id!r}",
             param="model",
             code="model_not_found",
         )
@@ -281,16 +357,20 @@ async def chat_completions(request: Request):
     req = await parse(request, ChatRequest)
     server = server_of(request)
     messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
+    tool = req.tool()
     if req.document is not None:
+        if tool is not None:
+            raise APIError(400, "a question about a document is answered in text; leave out tools", param="tools")
         return await about_document(request, req, messages)
-    return await respond(request, req, await off_loop(server, chat_tokens, server.model, messages), chat=True)
+    if tool is not None:
+        messages = with_note(messages, tool)
+    tokens = await off_loop(server, chat_tokens, server.model, messages)
+    return await respond(request, req, tokens, chat=True, tool=tool)
 
 
 async def about_document(request: Request, req: ChatRequest, messages: list[dict]):
-    """A question on a document given to the server (:mod:`.documents_api`), answered as ``qa`` does: the
-    last user message is the question; the document is read with the server's setting, and the question
-    and answer fit the room held after it."""
-    from .documents_api import MAX_ANSWER, documents_of
+    """A question on a document given to the server: see :func:`.documents_api.ask`."""
+    from .documents_api import MAX_ANSWER, ask
 
     if req.selfextend is not None and req.selfextend.extend_fields():
         raise APIError(
@@ -303,13 +383,7 @@ async def about_document(request: Request, req: ChatRequest, messages: list[dict
     asked = [m["content"] for m in messages if m["role"] == "user"]
     if not asked or not asked[-1].strip():
         raise APIError(400, "a question about a document is the last user message; it is empty", param="messages")
-    server = server_of(request)
-    doc = await off_loop(server, documents_of(request).document, req.document)
-    try:
-        tokens = await off_loop(server, doc.question, asked[-1])
-    except SelfExtendError as exc:
-        raise APIError.of(exc, http_naming("messages")) from None
-    return await respond(request, req, tokens, chat=True, held=doc.held())
+    return await ask(request, req, asked[-1])
 
 
 @router.post("/v1/completions")

@@ -6,6 +6,7 @@ file or stream larger than the limit is refused before any work, in one line.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
@@ -89,12 +90,38 @@ def _html_text(data: bytes) -> str:
     return soup.get_text("\n")
 
 
-def _pdf_text(path: Path) -> str:
+def _pdf_text(data: bytes, name: str) -> str:
     PdfReader = require("pypdf", "reading PDF").PdfReader
     try:
-        return "\n\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
+        return "\n\n".join(page.extract_text() or "" for page in PdfReader(io.BytesIO(data)).pages)
     except Exception as exc:  # pypdf raises many kinds of errors for damaged files
-        raise BadInputError("{path} is not a readable PDF ({why})", path=path, why=exc) from exc
+        raise BadInputError("{name} is not a readable PDF ({why})", name=name, why=str(exc)[:200]) from exc
+
+
+def clean_text(text: str) -> str:
+    """Text as it is kept: without NUL characters (never content, and a mark in prompts built around a
+    document) and with lone surrogates (a PDF's ToUnicode map, an HTML character reference) replaced, so
+    it can be written as UTF-8."""
+    return text.replace("\x00", "").encode("utf-8", errors="replace").decode("utf-8")
+
+
+def document_text(data: bytes, suffix: str, name: str) -> str:
+    """The text of a document's bytes, read as ``suffix`` says (.pdf, .html, else UTF-8 text); errors name
+    the document as ``name`` (the user's own name for it, never a temporary path)."""
+    if suffix in PDF:
+        text = _pdf_text(data, name)
+    elif suffix in HTML:
+        if b"\0" in data[:8192]:
+            raise BadInputError("{name} looks like a binary file, not text", name=name)
+        text = _html_text(data)
+    else:
+        text = decode_text(data, name)
+    text = clean_text(text)
+    if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+        raise BadInputError("{name} holds more than {limit} of text; split it", name=name, limit=_mib(MAX_TEXT_BYTES))
+    if not text.strip():
+        raise BadInputError("{name} is empty", name=name)
+    return text
 
 
 def read_document(path: str | Path) -> str:
@@ -102,19 +129,6 @@ def read_document(path: str | Path) -> str:
     path = Path(path)
     suffix = path.suffix.lower()
     check_regular_file(path, MAX_FILE_BYTES if suffix in PDF | HTML else MAX_TEXT_BYTES, "document")
-    if suffix in PDF:
-        text = _pdf_text(path)
-    else:
-        with path.open("rb") as f:
-            data = read_bounded(f, MAX_FILE_BYTES, str(path))
-        if suffix in HTML:
-            if b"\0" in data[:8192]:
-                raise BadInputError("{path} looks like a binary file, not text", path=path)
-            text = _html_text(data)
-        else:
-            text = decode_text(data, str(path))
-    if len(text.encode("utf-8", errors="replace")) > MAX_TEXT_BYTES:
-        raise BadInputError("{path} holds more than {limit} of text; split it", path=path, limit=_mib(MAX_TEXT_BYTES))
-    if not text.strip():
-        raise BadInputError("{path} is empty", path=path)
-    return text
+    with path.open("rb") as f:
+        data = read_bounded(f, MAX_FILE_BYTES, str(path))
+    return document_text(data, suffix, str(path))

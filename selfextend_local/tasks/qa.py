@@ -38,7 +38,7 @@ def document_prompt(model: Model, document: str) -> tuple[list[int], Pieces]:
     else:
         pieces = [(f"{SYSTEM}\n\n", True), (user, False), ("\nAnswer:", True)]
     at = next(i for i, (text, _) in enumerate(pieces) if _SLOT in text)
-    head, tail = pieces[at][0].split(_SLOT)
+    head, _, tail = pieces[at][0].rpartition(_SLOT)  # the document's own text may hold the mark too
     return model.segments_tokens(pieces[:at] + [(head, False)]), [(tail, False)] + pieces[at + 1 :]
 
 
