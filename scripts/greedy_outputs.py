@@ -8,6 +8,7 @@ requests, one past 8k). Writes one JSON object {case: text}; `--compare OLD.json
 
     python scripts/greedy_outputs.py --out before.json          # on the old code
     python scripts/greedy_outputs.py --out after.json --compare before.json
+    python scripts/greedy_outputs.py --out drafts.json --compare after.json --draft 8   # drafts on
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import httpx
 from selfextend_local.tasks.corpus import pydoc_text
 
 CLI = [sys.executable, "-m", "selfextend_local.cli"]
-GREEDY = ["--temperature", "0"]
+GREEDY = ["--temperature", "0"]  # with --draft N, every command's and server's drafts too
+SERVE: list[str] = []
 SHORT = [
     "In two sentences, what does a librarian do?",
     "Write a short poem about the sea.",
@@ -86,7 +88,7 @@ def serve_cases(out: dict) -> None:
     from selfextend_local.testing import start_server, stop_server
 
     for parallel in ("1", "4"):
-        proc, url = start_server("--parallel", parallel, "--queue-size", "8")
+        proc, url = start_server("--parallel", parallel, "--queue-size", "8", *SERVE)
         try:
             with httpx.Client(timeout=1800) as client:
                 for i, prompt in enumerate(SHORT):
@@ -125,7 +127,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--compare", type=Path, default=None, help="a JSON file written by an earlier run")
     parser.add_argument("--only", default="generate,chat,qa,summarize,serve")
+    parser.add_argument("--draft", type=int, default=None, help="every command and server drafts (--draft N)")
     args = parser.parse_args()
+    if args.draft is not None:  # compared with a run without: drafts change no reply (up to near ties)
+        GREEDY.extend(["--draft", str(args.draft)])
+        SERVE.extend(["--draft", str(args.draft)])
     out: dict[str, str] = {}
     wanted = args.only.split(",")
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # name -> module (relative to this package) that defines it
 _PUBLIC = {
     "Llama": "api",
+    "LlamaPromptLookupDecoding": "api",
     "load_model": "locate",
     "open_session": "engine.session",
     "generate": "engine.generate",

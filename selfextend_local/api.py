@@ -16,6 +16,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+# llama-cpp-python's own class, exported as ours too: code written for it passes it unchanged
+from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
 from .engine import scheduler
 from .engine.checkpoint import Checkpointing
 from .engine.errors import PYTHON, BadInputError, SelfExtendError
@@ -25,7 +28,7 @@ from .engine.planning import Plan, plan_for
 from .engine.sampling import Chunk, check_grammar
 from .engine.scheduler import Scheduler
 from .engine.session import Session, run
-from .engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
+from .engine.settings import DRAFT, ExtendSettings, RuntimeSettings, SamplingSettings
 from .engine.slots import Request
 from .serving.openai import Reply
 
@@ -67,7 +70,6 @@ _NEUTRAL_INIT = {
     "numa": False,
     "chat_format": None,
     "chat_handler": None,
-    "draft_model": None,
     "tokenizer": None,
     "type_k": None,
     "type_v": None,
@@ -120,6 +122,23 @@ def _python_names() -> Iterator[None]:
     except SelfExtendError as exc:
         exc.naming = PYTHON
         raise
+
+
+def _draft_tokens(draft_model) -> int:
+    """Tokens to draft a step (:mod:`.engine.drafting`) for llama-cpp-python's ``draft_model``: a
+    LlamaPromptLookupDecoding's ``num_pred_tokens`` (its n-gram sizes are the engine's), the default for
+    None; a draft model of another kind is refused by name."""
+    if draft_model is None:
+        return DRAFT
+    if not isinstance(draft_model, LlamaPromptLookupDecoding):
+        raise BadInputError(
+            "selfextend_local.Llama drafts from the prompt itself and runs no draft model: "
+            "draft_model={kind} is not supported; pass LlamaPromptLookupDecoding(num_pred_tokens=10) "
+            "(from llama_cpp.llama_speculative or selfextend_local) or leave it out",
+            param="draft_model",
+            kind=type(draft_model).__name__,
+        )
+    return SamplingSettings(draft=draft_model.num_pred_tokens).draft
 
 
 def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -242,7 +261,10 @@ class Llama:
     ``model_path`` defaults to the bundled SmolLM2-135M (a path, a registry name or ``REPO:QUANT`` also
     work). ``n_ctx`` is the KV cells to allocate; None or 0 plans them for each prompt. ``group``,
     ``window``, ``schedule`` and ``division`` are SelfExtend's (None: planned for each prompt's length).
-    ``verbose`` shows llama.cpp's own log. ``checkpoints``: a long prompt's reading is checkpointed in the
+    ``verbose`` shows llama.cpp's own log. ``draft_model``: ``LlamaPromptLookupDecoding(num_pred_tokens=K)``
+    drafts up to K tokens a step from the prompt and the reply (where they pay), checked in the same decode:
+    the reply is unchanged, and comes faster where it quotes. ``checkpoints``: a long prompt's reading is
+    checkpointed in the
     disk cache as it goes (``$SELFEXTEND_LOCAL_CACHE``, else ~/.cache/selfextend-local/kv; bounded, least
     recently used first), and the same prompt given again after the process died resumes it.
     """
@@ -263,6 +285,7 @@ class Llama:
         division: str = ExtendSettings.division,
         kv_type: str = RuntimeSettings.kv_type,
         checkpoints: bool = True,
+        draft_model=None,
         **kwargs,
     ) -> None:
         from .engine import llama_log
@@ -292,6 +315,7 @@ class Llama:
                 n_ctx or None, gpu_layers=n_gpu_layers, batch=n_batch, kv_type=kv_type, **threads
             )
             self.extend = ExtendSettings(group, window, schedule, division)
+            self.draft = _draft_tokens(draft_model)
             llama_log.set_echo(verbose)
             self.model = load_model(model_path, self.runtime)
         self.model_path = str(self.model.path)
@@ -474,6 +498,7 @@ class Llama:
             seed=self.seed if seed is None else seed,
             max_tokens=self._room(n_prompt) if not max_tokens or max_tokens <= 0 else max_tokens,
             stop=_stops(stop),
+            draft=self.draft,
             **(structure.fields() if structure else {}),
         )
 

@@ -17,6 +17,7 @@ from ..engine.settings import (
     FLASH_ATTN,
     KV_TYPES,
     MAX_CHECKPOINT_SECONDS,
+    MAX_DRAFT,
     SCHEDULES,
     ExtendSettings,
     RuntimeSettings,
@@ -138,6 +139,16 @@ extend_options = _bundle(
     lambda group, window, schedule, division: ExtendSettings(group, window, schedule, division),
 )
 
+draft_option = click.option(
+    "--draft",
+    type=int,
+    default=SamplingSettings.draft,
+    show_default=True,
+    metavar="N",
+    help=f"Draft up to N tokens a step from the prompt and reply (a quote of the document), checked in the same "
+    f"decode: the reply is unchanged, and comes faster where it copies. 0 turns it off; at most {MAX_DRAFT}.",
+)
+
 sampling_options = _bundle(
     "sampling",
     [
@@ -161,9 +172,10 @@ sampling_options = _bundle(
             help="Most tokens to generate.",
         ),
         click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+        draft_option,
     ],
-    lambda temperature, top_k, top_p, seed, max_tokens, stop: SamplingSettings(
-        temperature, top_k, top_p, seed, max_tokens, tuple(stop)
+    lambda temperature, top_k, top_p, seed, max_tokens, stop, draft: SamplingSettings(
+        temperature, top_k, top_p, seed, max_tokens, tuple(stop), draft=draft
     ),
 )
 

@@ -14,6 +14,7 @@ from .options import (
     cache_dir_option,
     cache_size_option,
     checkpoint_option,
+    draft_option,
     extend_options,
     log_options,
     model_option,
@@ -107,6 +108,7 @@ _LIMITS = ServerLimits()  # the defaults, written once there
 @cache_dir_option
 @cache_size_option
 @checkpoint_option
+@draft_option
 @model_option
 @runtime_options
 @extend_options
@@ -124,6 +126,7 @@ def serve(
     cache_dir,
     cache_size,
     checkpoint_every,
+    draft,
     model,
     runtime,
     extend,
@@ -133,7 +136,8 @@ def serve(
 
     Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, the documents under
     /v1/documents, GET /health. Settings are planned per request unless -g/-w are given; a request may pass
-    its own in the extra body field "selfextend": {"group": G, "window": W, "schedule": "neighbor"}. Up to
+    its own in the extra body field "selfextend": {"group": G, "window": W, "schedule": "neighbor",
+    "draft": N} (--draft is the default for requests that give none). Up to
     --parallel requests are decoded together, each in a slot of --ctx cells (default: what the model
     family's setting reaches). Documents given to the server, and the state of those read, are kept in
     --cache-dir (shared with qa).
@@ -142,9 +146,11 @@ def serve(
 
     from ..engine import scheduler
     from ..engine.budget import StepBudget
+    from ..engine.settings import SamplingSettings
     from ..serving.app import UvicornServer, create_app, loopback_hosts
 
     api_key = api_key or os.environ.get(API_KEY_ENV)
+    SamplingSettings(draft=draft)  # refused before the model loads
     llm = load_for_cli(model, runtime, verbose)
     chosen = scheduler.size(llm, runtime, extend, parallel)
     limits = ServerLimits(queue_size, int(max_body * (1 << 20)), max_tokens_limit, int(prompt_cache * (1 << 20)))
@@ -156,7 +162,7 @@ def serve(
     kv_cache = open_cache(cache_dir, cache_size)
     documents = kv_cache.root / "documents"
     kv = None if no_cache else kv_cache
-    app = create_app(llm, runtime, extend, api_key, limits, hosts, chosen, kv, documents, checkpoint_every)
+    app = create_app(llm, runtime, extend, api_key, limits, hosts, chosen, kv, documents, checkpoint_every, draft)
     log(f"allocated {chosen.describe()}")
     note(StepBudget().describe())
     log(f"serving {llm.path.name} on {url_for(host, port)}/v1 (queue {queue_size}, auth {'on' if api_key else 'off'})")

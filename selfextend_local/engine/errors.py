@@ -57,6 +57,7 @@ PYTHON = Naming(
         "input": "prompt",
         "model": "model_path",
         "file": "filename",
+        "draft": "draft_model's num_pred_tokens",
     }
 )
 

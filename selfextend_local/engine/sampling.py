@@ -292,6 +292,8 @@ class Chunk:
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
     generate_seconds: float = 0.0
+    drafted: int = 0  # tokens drafted from the request's own text so far (:mod:`.drafting`)
+    accepted: int = 0  # of them, those kept
 
     @property
     def prompt_tps(self) -> float:
@@ -374,6 +376,7 @@ class TextStream:
         self.stops = StopMatcher(sampling.stop)
         self.n_prompt, self.reused, self.prompt_seconds = n_prompt, reused, prompt_seconds
         self.generated = 0
+        self.drafted = self.accepted = 0  # counted by the slot that drafts (:mod:`.drafting`)
         self.start = time.perf_counter()
         self.finish: str | None = None
         self.schema = sampling.schema
@@ -383,7 +386,18 @@ class TextStream:
         seconds = time.perf_counter() - self.start
         if self.text is not None:
             self.text.append(text)
-        return Chunk(text, token, reason, self.n_prompt, self.reused, self.generated, self.prompt_seconds, seconds)
+        return Chunk(
+            text,
+            token,
+            reason,
+            self.n_prompt,
+            self.reused,
+            self.generated,
+            self.prompt_seconds,
+            seconds,
+            self.drafted,
+            self.accepted,
+        )
 
     def push(self, token: int) -> list[Chunk]:
         """The chunks for a sampled token; when they end the reply, :attr:`finish` says why. A reply held to

@@ -18,7 +18,9 @@ Front ends differ only in how they wait:
   of its own and runs it until stopped.
 
 What each step holds is the engine's rule (:meth:`~.slots.Engine.step`): one token for every generating
-slot, then prompt chunks, a request's first chunk ahead of a long prompt's later ones.
+slot, with the tokens it drafts from its own text where they pay (:mod:`.drafting`: those the sampler
+agrees with are kept, so the reply is the one a token at a time gives), then prompt chunks, a request's
+first chunk ahead of a long prompt's later ones.
 """
 
 from __future__ import annotations

@@ -95,6 +95,28 @@ class Sequence:
         self.schedule.advance(len(tokens))
         self.tokens.extend(tokens)
 
+    def in_one_step(self, n: int) -> int:
+        """How many of ``n`` tokens (at least one) one decode can append now at the positions, and with
+        the cells around them, that decoding them one at a time would give: none of the schedule's edits
+        may fall between them (held: within the room held; else before the schedule's next grouping)."""
+        n = max(1, min(n, self.n_ctx - len(self.tokens)))
+        if self._held is not None:
+            room = self._held[0] + self._held[3] - len(self.tokens)
+            if room >= 1:
+                return min(n, room)
+        schedule = type(self.schedule).restore(self.plan.group, self.plan.window, self.schedule.state())
+        schedule.prepare()  # what staging the first token does
+        for i in range(1, n):
+            schedule.advance(1)
+            if schedule.prepare():
+                return i
+        return n
+
+    def drop_uncommitted(self) -> None:
+        """Remove the cells of tokens decoded but not committed (a draft's rejected tokens): within one
+        step nothing moved, so they sit at the next position and after it."""
+        llama_cpp.llama_memory_seq_rm(self.mem, self.seq_id, self.schedule.next_pos, -1)
+
     def logits(self, n: int = 1):
         """Logits of the last ``n`` outputs of the latest decode, shape ``(n, n_vocab)`` (a copy)."""
         return self.context.logits(-n, n)

@@ -32,6 +32,10 @@ MAX_SEED = 1 << 64  # a seed is taken modulo 2**32; beyond 64 bits a number is a
 MAX_REPEAT_PENALTY = 10.0  # llama.cpp divides a repeated token's logit by it: beyond, every repeat is gone
 MAX_PENALTY = 2.0  # presence and frequency, as the OpenAI API
 MAX_REPEAT_LAST_N = 1 << 16  # llama.cpp keeps a ring of this many tokens a request
+# Tokens a request may draft a step from its own text (engine/drafting.py; 0: none). Off until measured to
+# never lose (scripts/bench_drafts.py): the default everywhere (CLI, server, Llama) is this one constant.
+DRAFT = 0
+MAX_DRAFT = 32  # llama.cpp's server drafts at most 16 by default, llama-cpp-python 10
 # Seconds of a long reading between two of its checkpoints (engine/checkpoint.py); each write is also kept
 # to within 1/40 of the reading's time whatever the disk. 60 s: at most one minute of reading is lost.
 CHECKPOINT_SECONDS = 60.0
@@ -211,13 +215,15 @@ class SamplingSettings:
     repeat_last_n: int = 64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    draft: int = DRAFT  # tokens drafted a step from the request's own text, at most (0: none)
 
     def __post_init__(self) -> None:
         check_types(self, SAMPLING_TYPES)
-        for key in ("temperature", "top_k", "top_p", "min_p", "max_tokens", "repeat_penalty", "repeat_last_n"):
+        for key in ("temperature", "top_k", "top_p", "min_p", "max_tokens", "repeat_penalty", "repeat_last_n", "draft"):
             if getattr(self, key) is None:
                 raise BadInputError("{name} must be a number, got null", param=key, name=Name(key))
         check_range("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        check_range("draft", self.draft, 0, MAX_DRAFT)
         check_range("top_k", self.top_k, 0, MAX_TOP_K)
         check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         check_range("min_p", self.min_p, 0.0, 1.0)
@@ -267,4 +273,5 @@ SAMPLING_TYPES = {
     "repeat_last_n": int,
     "presence_penalty": float,
     "frequency_penalty": float,
+    "draft": int,
 }

@@ -4,8 +4,9 @@ A :class:`Slot` owns a :class:`~.sequence.Sequence` and serves one :class:`Reque
 the longest cached prefix of the prompt, reads the rest in chunks, holds the sequence's grouping after the
 prompt, samples with the request's own settings and streams its chunks. An :class:`Engine` has a slot for
 each sequence of its context, and each :meth:`Engine.step` is one ``llama_decode`` holding one token for
-each slot that is generating and, in what room is left of ``n_batch``, prompt chunks of those still
-reading theirs. Requests join between steps; one that finishes or is cancelled frees its slot at once.
+each slot that is generating (with the tokens it drafts from its own text, :mod:`.drafting`, checked in the
+same decode) and, in what room is left of ``n_batch``, prompt chunks of those still reading theirs.
+Requests join between steps; one that finishes or is cancelled frees its slot at once.
 
 One request alone is one busy slot (:mod:`.generate` drives a one-slot engine over a session), as in
 llama.cpp's server, so prefix reuse, chunking, the hold, sampling and streaming exist once.
@@ -28,13 +29,14 @@ from . import kshift
 from .budget import StepBudget
 from .checkpoint import Checkpoints
 from .context import Context, Span
+from .drafting import Drafter, costs_for
 from .errors import EngineError, Interrupted, SelfExtendError
 from .model import Model
 from .planning import Plan, plan_for
 from .promptcache import PromptCache
 from .sampling import Chunk, Sampler, TextStream
 from .sequence import Sequence
-from .settings import ExtendSettings, RuntimeSettings, SamplingSettings
+from .settings import MAX_DRAFT, ExtendSettings, RuntimeSettings, SamplingSettings
 
 Progress = Callable[[int, int], None]
 # A reading of more than LONG_READING tokens goes in pieces while other slots generate (:mod:`.budget`): at
@@ -113,6 +115,7 @@ class Slot:
         self.next_token: int | None = None  # sampled, to be decoded next step
         self.sampler: Sampler | None = None
         self.stream: TextStream | None = None
+        self.drafter: Drafter | None = None  # drafts from the request's own text (:mod:`.drafting`)
         self.reused = 0
         self.chunks = 0  # prompt chunks (or pieces of them) decoded for the current request
         self.chunk_left = 0  # tokens of the chunk begun that are still to decode
@@ -136,7 +139,7 @@ class Slot:
         self.chunks = self.chunk_left = 0
         self.pending = list(request.prompt[self.reused :])
         self.sampler = Sampler(request.sampling, self.sequence.model) if request.generate else None
-        self.stream = None
+        self.stream = self.drafter = None
         self.next_token = None
         self.started = time.perf_counter()
 
@@ -158,9 +161,19 @@ class Slot:
 
     # -- one step -------------------------------------------------------------------------------
 
-    def token_span(self) -> Span:
-        """The generated token to decode this step."""
-        return self._stage([self.next_token], "last")
+    def token_span(self, room: int = 0, step: int = 1) -> Span:
+        """The generated token to decode this step, and after it up to ``room`` tokens drafted from the
+        request's own text (:mod:`.drafting`), as many as pay in a step of ``step`` tokens so far."""
+        draft = self._draft(room, step) if self.drafter is not None else []
+        return self._stage([self.next_token, *draft], "all" if draft else "last")
+
+    def _draft(self, room: int, step: int) -> list[int]:
+        """A draft no longer than the reply may still be, and than one decode appends exactly as decoding a
+        token at a time would (no grouping between its tokens)."""
+        limit = min(room, self.drafter.most, self.stream.max_tokens - self.stream.generated - 1)
+        if limit > 0:
+            limit = self.sequence.in_one_step(1 + limit) - 1
+        return self.drafter.propose(limit, step)
 
     def prompt_span(self, room: int, piece: int | None = None) -> Span | None:
         """The next prompt chunk, if a whole one fits in ``room`` tokens; with ``piece``, at most that many
@@ -193,11 +206,11 @@ class Slot:
         """Take the step's result (this slot's tokens were batch indices ``first``..); True when the request
         is over."""
         tokens, self.staged = self.staged, []
-        self.sequence.commit(tokens)
-        request = self.request
         if self.next_token is not None:
             self.next_token = None
-            return self._sample(context, first)
+            return self._verify(context, first, tokens)
+        self.sequence.commit(tokens)
+        request = self.request
         del self.pending[: len(tokens)]
         self.chunk_left -= len(tokens)
         self.chunk_pos += len(tokens)
@@ -220,6 +233,24 @@ class Slot:
         self._begin_reply()
         return self._sample(context, first + len(tokens) - 1)
 
+    def _verify(self, context: Context, first: int, tokens: list[int]) -> bool:
+        """Sample from the row of the token decoded, then from each drafted token's row while the token
+        sampled before it equals it: every token of the reply is the sampler's own pick after the tokens
+        before it, as a token at a time. The drafted tokens not kept leave the cache."""
+        drafted = tokens[1:]
+        self.stream.drafted += len(drafted)
+        kept = 0
+        while not (over := self._sample(context, first + kept)):
+            if kept == len(drafted) or self.next_token != drafted[kept]:
+                break
+            kept += 1
+            self.stream.accepted += 1
+        self.sequence.commit(tokens[: 1 + kept])
+        if drafted:
+            self.sequence.drop_uncommitted()
+            self.drafter.verified(len(drafted), kept)
+        return over
+
     def _checkpoint(self) -> None:
         """After a chunk, or a piece of one: a checkpoint of the reading when one is due at a whole chunk's
         end; the checkpoint's end once the reading is done."""
@@ -240,6 +271,8 @@ class Slot:
         self.stream = TextStream(model, request.sampling, len(request.prompt), self.reused, prompt_seconds)
         if sequence.held is None:
             sequence.hold(request.sampling.max_tokens)
+        if request.sampling.draft:
+            self.drafter = Drafter(request.prompt, request.sampling.draft, costs_for(model))
 
     def _sample(self, context: Context, index: int) -> bool:
         request = self.request
@@ -255,6 +288,8 @@ class Slot:
             request.on_chunk(chunk)
         if self.stream.finish is None:
             self.next_token = token
+            if self.drafter is not None:
+                self.drafter.add(token)
             return False
         return True
 
@@ -274,7 +309,7 @@ class Slot:
         request = self.request
         if self.sampler is not None:
             self.sampler.close()
-        self.request = self.sampler = self.stream = None
+        self.request = self.sampler = self.stream = self.drafter = None
         self.pending, self.next_token, self.staged = [], None, []
         self.chunk_left = 0
         self.last_used = time.perf_counter()
@@ -300,6 +335,7 @@ class Engine:
         given = sequences or []
         self.slots = [Slot(i, given[i] if i < len(given) else None) for i in range(context.n_seq)]
         self.budget = StepBudget()
+        self.draft_costs = costs_for(self.model)  # what a drafted token costs here (:mod:`.drafting`)
         self.steps = 0
         self._cells = context.cells  # read once: plan() may be called from another thread
 
@@ -310,9 +346,10 @@ class Engine:
         """``n_slots`` sequences of ``cells`` KV cells each in a context of their own; ``prompt_cache``
         bytes of host memory keep the prompts of slots that move on (:mod:`.promptcache`; 0: none)."""
         runtime = runtime or RuntimeSettings()
-        # room for a whole prompt chunk beside one generated token a slot: a sequence is read in the chunks
-        # it would be read in alone, so its grouping (and its output) does not depend on its neighbours
-        context = Context(model, cells, runtime, n_slots, batch=runtime.batch + n_slots)
+        # room for a whole prompt chunk beside one generated token a slot and its longest draft: a sequence
+        # is read in the chunks it would be read in alone, so its grouping (and its output) does not depend on
+        # its neighbours (a decode holds n_ubatch tokens at most whatever n_batch is: no memory for this room)
+        context = Context(model, cells, runtime, n_slots, batch=runtime.batch + n_slots * (1 + MAX_DRAFT))
         try:
             if model.info.extendable_reason is None and kshift.check(model, runtime).safe:
                 context.divider("auto")  # the probe needs an empty sequence 0: now, before any request
@@ -432,8 +469,11 @@ class Engine:
         except SelfExtendError as exc:
             self.fail_all(exc)
             return 0
+        seconds = time.perf_counter() - began
         generating = sum(1 for slot, _ in spans if slot.next_token is not None)
-        self.budget.took(time.perf_counter() - began, generating, pieces)
+        self.budget.took(seconds, generating, pieces)
+        if generating == len(spans):
+            self.draft_costs.took(seconds, sum(len(span.tokens) for _, span in spans))
         self.steps += 1
         first = 0
         for slot, span in spans:
@@ -443,14 +483,18 @@ class Engine:
         return first
 
     def _gather(self) -> tuple[list[tuple[Slot, Span]], dict[int, int]]:
-        """This step's spans: each generating slot's token, then whole prompt chunks: first those of prompts
-        not yet begun, then the rest, each in arrival order (a short new request's first token does not
-        wait for a long prompt's later chunks). While some slots generate, a long reading goes in the
-        pieces the step budget allows (:mod:`.budget`), so that their tokens do not each wait for a whole
-        chunk of it; those pieces are returned too (tokens by slot)."""
-        spans = [(slot, slot.token_span()) for slot in self.slots if slot.busy and slot.next_token is not None]
+        """This step's spans: each generating slot's token (and its draft, :mod:`.drafting`), then whole
+        prompt chunks: first those of prompts not yet begun, then the rest, each in arrival order (a short
+        new request's first token does not wait for a long prompt's later chunks). While some slots
+        generate, a long reading goes in the pieces the step budget allows (:mod:`.budget`), so that their
+        tokens do not each wait for a whole chunk of it; those pieces are returned too (tokens by slot)."""
+        generating = [slot for slot in self.slots if slot.busy and slot.next_token is not None]
+        spans, step = [], len(generating)  # step: the tokens it holds so far
+        for slot in generating:
+            spans.append((slot, slot.token_span(self.context.n_batch - step, step)))
+            step += len(spans[-1][1].tokens) - 1
         pieces: dict[int, int] = {}
-        room = self.context.n_batch - len(spans)
+        room = self.context.n_batch - step
         reading = (s for s in self.slots if s.busy and s.pending)
         for slot in sorted(reading, key=lambda s: (s.chunks > 0, s.started)):
             piece = None

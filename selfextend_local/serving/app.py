@@ -24,7 +24,7 @@ from ..engine.capacity import Capacity
 from ..engine.errors import cut
 from ..engine.kvcache import KVCache, default_dir
 from ..engine.model import Model
-from ..engine.settings import CHECKPOINT_SECONDS, ExtendSettings, RuntimeSettings
+from ..engine.settings import CHECKPOINT_SECONDS, DRAFT, ExtendSettings, RuntimeSettings
 from .http import APIError, Server, server_of
 from .library import Library
 from .limits import ServerLimits
@@ -95,11 +95,13 @@ def create_app(
     kv_cache: KVCache | None = None,
     documents: Path | None = None,
     checkpoint_every: float = CHECKPOINT_SECONDS,
+    draft: int = DRAFT,
 ) -> FastAPI:
     """The ASGI app; ``extend`` holds the server's SelfExtend setting (None fields: planned per request),
     ``capacity`` its slots and cells (default: :func:`~selfextend_local.engine.scheduler.size`'s choice);
     documents given to it are kept in ``documents`` (default: a folder in the disk cache's) and read ones
     in ``kv_cache`` (None: not kept), where long readings are checkpointed every ``checkpoint_every`` seconds.
+    ``draft``: tokens a request drafts a step from its own text when it does not say (:mod:`~..engine.drafting`).
 
     ``allowed_hosts``: with no API key, the Host headers a request must carry (None: any).
     """
@@ -115,7 +117,7 @@ def create_app(
     )
     library = Library(documents or default_dir() / "documents")
     hosts = None if api_key else allowed_hosts
-    server = Server(model, serving, runtime, limits, extend, library, kv_cache, api_key, hosts, checkpoint_every)
+    server = Server(model, serving, runtime, limits, extend, library, kv_cache, api_key, hosts, checkpoint_every, draft)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -328,8 +328,12 @@ async def ask(request: Request, req, question: str):
 
 async def about_document(request: Request, req, messages: list[dict]):
     """A chat request whose last user message is a question on a document given to the server (:func:`ask`)."""
-    if req.selfextend is not None:
-        raise APIError(400, "a document is read with the server's setting; leave out selfextend", param="selfextend")
+    if req.selfextend is not None and req.selfextend.extend_fields():
+        raise APIError(
+            400,
+            "a document is read with the server's setting; leave out selfextend's group, window and schedule",
+            param="selfextend",
+        )
     if (req.max_completion_tokens or req.max_tokens or 0) > MAX_ANSWER:
         raise APIError(400, f"an answer about a document has at most {MAX_ANSWER} tokens", param="max_tokens")
     asked = [m["content"] for m in messages if m["role"] == "user"]

@@ -31,7 +31,7 @@ from ..engine.grammar import ReplyError
 from ..engine.kvcache import KVCache
 from ..engine.model import Model
 from ..engine.scheduler import ServingThread
-from ..engine.settings import CHECKPOINT_SECONDS, ExtendSettings, RuntimeSettings
+from ..engine.settings import CHECKPOINT_SECONDS, DRAFT, ExtendSettings, RuntimeSettings
 from ..engine.slots import Request as EngineRequest
 from .library import Library
 from .limits import ServerLimits
@@ -44,7 +44,7 @@ PREP_THREADS = 2  # threads that turn request bodies into engine requests (token
 def http_naming(input_param: str) -> Naming:
     """Settings as a request names them: ``selfextend.group``, ``max_tokens``; the prompt as ``messages``
     or ``prompt``; the server's own options as its command line does."""
-    names = {key: f"{EXTRA_FIELD}.{key}" for key in ("group", "window", "schedule", "division")}
+    names = {key: f"{EXTRA_FIELD}.{key}" for key in ("group", "window", "schedule", "division", "draft")}
     names.update(input=input_param, ctx="the server's --ctx", llama_log="serve --llama-log")
     names.update(grammar="response_format")  # a request gives a grammar only as a response format
     return Naming(names)
@@ -94,6 +94,7 @@ class Server:
     api_key: str | None = None
     allowed_hosts: set[str] | None = None
     checkpoint_every: float = CHECKPOINT_SECONDS  # seconds of a long reading between its checkpoints
+    draft: int = DRAFT  # tokens a request drafts a step when it does not say (engine/drafting.py)
     model_id: str = field(init=False)
     prep: ThreadPoolExecutor = field(init=False)
 

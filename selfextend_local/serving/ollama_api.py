@@ -1,21 +1,21 @@
 """Ollama's API, for the tools that speak only it: ``/api/chat``, ``/api/generate``, ``/api/tags``,
 ``/api/show``, ``/api/ps``, ``/api/version``, on the same engine and slots as OpenAI's, self-extended.
 
-Streamed replies are newline-delimited JSON (``"stream": false`` gives one object), errors are Ollama's
-``{"error": "..."}``. ``options`` map to our settings (``temperature``, ``top_k``, ``top_p``, ``min_p``,
-``seed``, ``stop``, ``num_predict``, and llama.cpp's penalties ``repeat_penalty``, ``repeat_last_n``,
-``presence_penalty``, ``frequency_penalty``), plus ``selfextend_group``, ``selfextend_window`` and
-``selfextend_schedule``, each checked as the OpenAI API's fields are (the settings dataclasses' types and
-bounds, a 400 naming ``options.X``); ``num_ctx`` is taken and needs no effect (a request is served when its
-prompt and ``num_predict`` fit a slot, self-extended past the training context); the options that
-configure Ollama's own runner (threads, GPU layers, batch, memory mapping) are the server's and ignored, as
-are ``keep_alive`` and ``truncate``. Any other field or option, and a value of a sampling option we do not
-have (mirostat, typical_p) other than the one that changes nothing, is refused by name.
-``format`` is ``"json"`` or a JSON schema, through the same grammar as OpenAI's ``response_format``; one
-tool in ``tools`` makes the reply a call to it (:mod:`.tools`). ``/api/generate`` with a ``context``
-continues it: the prompt as a user's turn after it, in the chat template (verbatim with ``raw``). The
-endpoints of Ollama's not served here (embeddings, pulling and pushing models) answer in Ollama's shape,
-by name.
+Streamed replies are newline-delimited JSON (``"stream": false`` gives one object), errors are Ollama's ``{"error":
+"..."}``. ``options`` map to our settings (``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``stop``,
+``num_predict``, and llama.cpp's penalties ``repeat_penalty``, ``repeat_last_n``, ``presence_penalty``,
+``frequency_penalty``), plus ``selfextend_group``, ``selfextend_window``, ``selfextend_schedule`` and
+``selfextend_draft`` (tokens drafted a step from the request's own text; the final object then says ``draft_n`` and
+``draft_n_accepted``, as llama.cpp's server's timings), each checked as the OpenAI API's fields are (the settings
+dataclasses' types and bounds, a 400 naming ``options.X``); ``num_ctx`` is taken and needs no effect (a request is
+served when its prompt and ``num_predict`` fit a slot, self-extended past the training context); the options that
+configure Ollama's own runner (threads, GPU layers, batch, memory mapping) are the server's and ignored, as are
+``keep_alive`` and ``truncate``. Any other field or option, and a value of a sampling option we do not have (mirostat,
+typical_p) other than the one that changes nothing, is refused by name.
+``format`` is ``"json"`` or a JSON schema, through the same grammar as OpenAI's ``response_format``; one tool in
+``tools`` makes the reply a call to it (:mod:`.tools`). ``/api/generate`` with a ``context`` continues it: the prompt
+as a user's turn after it, in the chat template (verbatim with ``raw``). The endpoints of Ollama's not served here
+(embeddings, pulling and pushing models) answer in Ollama's shape, by name.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from .http import (
 )
 from .http import start as start_call
 from .http import watch as watch_call
+from .openai import drafts
 from .openai_api import sampling_for
 from .tools import arguments, ollama_choice, with_note
 
@@ -66,18 +67,21 @@ NEUTRAL_OPTIONS = {  # sampling we do not have, accepted at the value that chang
 }
 IGNORED_OPTIONS = frozenset({"num_ctx", "num_keep", "penalize_newline", "mirostat_tau", "mirostat_eta"})
 SAMPLING_OPTIONS = {
-    key: key
-    for key in (
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "seed",
-        "repeat_penalty",
-        "repeat_last_n",
-        "presence_penalty",
-        "frequency_penalty",
-    )
+    **{
+        key: key
+        for key in (
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "seed",
+            "repeat_penalty",
+            "repeat_last_n",
+            "presence_penalty",
+            "frequency_penalty",
+        )
+    },
+    "selfextend_draft": "draft",
 }
 NOT_SERVED = {  # Ollama's endpoints this server does not have: each says so by name
     "embed": "embeddings are not served by this server",
@@ -256,6 +260,7 @@ def stats(last: Chunk | None, total: float, served: dict) -> dict:
         "prompt_eval_duration": int(last.prompt_seconds * 1e9),
         "eval_count": last.generated_tokens,
         "eval_duration": int(last.generate_seconds * 1e9),
+        **drafts(last),
         "selfextend": served,
     }
 

@@ -16,6 +16,33 @@ def finish_reason(chunk: Chunk | None) -> str:
     return "length" if chunk and chunk.finish_reason == "length" else "stop"
 
 
+def drafts(chunk: Chunk) -> dict:
+    """Tokens drafted from the request's own text and kept, as llama.cpp's server says them (only when some
+    were drafted)."""
+    return {"draft_n": chunk.drafted, "draft_n_accepted": chunk.accepted} if chunk.drafted else {}
+
+
+def timings(chunk: Chunk | None) -> dict:
+    """llama.cpp's server's ``timings`` of a reply: the prompt read and the tokens generated, in
+    milliseconds, and the drafts."""
+    if chunk is None:
+        return {}
+    read, generated = chunk.prompt_tokens - chunk.reused_tokens, chunk.generated_tokens
+    prompt_ms, predicted_ms = chunk.prompt_seconds * 1000, chunk.generate_seconds * 1000
+    return {
+        "cache_n": chunk.reused_tokens,
+        "prompt_n": read,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / read if read else 0.0,
+        "prompt_per_second": chunk.prompt_tps,
+        "predicted_n": generated,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": predicted_ms / generated if generated else 0.0,
+        "predicted_per_second": chunk.generate_tps,
+        **drafts(chunk),
+    }
+
+
 def usage(chunk: Chunk | None, prompt_tokens: int) -> dict:
     """OpenAI's usage, with the prompt tokens reused from the cache as ``cached_tokens``."""
     completion = chunk.generated_tokens if chunk else 0
@@ -84,7 +111,7 @@ class Reply:
         else:
             choice["text"] = text
             kind = "text_completion"
-        return self._envelope(kind, [choice], usage=usage(last, prompt_tokens), **self._served())
+        return self._envelope(kind, [choice], usage=usage(last, prompt_tokens), timings=timings(last), **self._served())
 
     def piece(self, text: str, first: bool = False, finish: str | None = None) -> dict:
         """A stream chunk with ``text`` (the chat's first one carries the role; the last, the reason and
@@ -122,4 +149,4 @@ class Reply:
     def usage_piece(self, last: Chunk, prompt_tokens: int) -> dict:
         """The stream's closing usage chunk (``stream_options.include_usage``)."""
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(kind, [], usage=usage(last, prompt_tokens), **self._served())
+        return self._envelope(kind, [], usage=usage(last, prompt_tokens), timings=timings(last), **self._served())

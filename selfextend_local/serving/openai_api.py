@@ -39,18 +39,23 @@ from .http import (
 )
 from .http import start as start_call
 from .http import watch as watch_call
-from .openai import Reply
+from .openai import Reply, timings
 from .sse import DONE, EventStream, event
 from .tools import Tool, openai_choice, with_note
 
 
 class SelfExtendOptions(BaseModel):
-    """The extra body field ``selfextend``: a field left out is the server's setting."""
+    """The extra body field ``selfextend``: a field left out is the server's setting. ``draft``: tokens
+    drafted a step from the request's own text (a sampling setting; the others are SelfExtend's)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     group: int | None = None
     window: int | None = None
     schedule: str | None = None
+    draft: int | None = None
+
+    def extend_fields(self) -> dict:
+        return {k: v for k, v in self.model_dump(exclude={"draft"}).items() if v is not None}
 
 
 class TextPart(BaseModel):
@@ -161,6 +166,7 @@ class CommonRequest(BaseModel):
             "frequency_penalty": self.frequency_penalty,
             "max_tokens": self.max_completion_tokens or self.max_tokens,
             "stop": tuple(s for s in stops if s) or None,
+            "draft": self.selfextend.draft if self.selfextend else None,
         }
         return {k: v for k, v in given.items() if v is not None}
 
@@ -192,15 +198,14 @@ class CompletionRequest(CommonRequest):
 
 def extend_for(options: SelfExtendOptions | None, base: ExtendSettings) -> ExtendSettings:
     """The server's setting with the fields the request gives in its stead."""
-    given = {k: v for k, v in options.model_dump().items() if v is not None} if options else {}
-    return replace(base, **given)
+    return replace(base, **options.extend_fields()) if options else base
 
 
 def sampling_for(fields: dict, structure: Structure | None, server: Server) -> SamplingSettings:
     """The default sampling with the request's own ``fields`` and structure (each field's type and range
     checked by :class:`SamplingSettings`, then max_tokens against the server's limit, and the grammar
     against llama.cpp's parser)."""
-    settings = replace(SamplingSettings(), **fields, **(structure.fields() if structure else {}))
+    settings = replace(SamplingSettings(draft=server.draft), **fields, **(structure.fields() if structure else {}))
     most = server.limits.max_tokens
     if settings.max_tokens > most:
         raise BadInputError(
@@ -311,7 +316,7 @@ async def _events(events: AsyncIterator, reply: Reply, include_usage: bool):
             yield event(reply.piece(last.text, first=True)) if first else reply.piece_event(last.text)
             first = False
         finish = "length" if last and last.finish_reason == "length" else "stop"
-        yield event(reply.piece(last.text if last else "", finish=finish))
+        yield event({**reply.piece(last.text if last else "", finish=finish), "timings": timings(last)})
         if include_usage and last is not None:
             yield event(reply.usage_piece(last, last.prompt_tokens))
         yield DONE
