@@ -116,8 +116,9 @@ def test_public_names_import_from_the_top():
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().startswith("selfextend_local.")
-    for name in selfextend_local.__all__:
-        assert getattr(selfextend_local, name).__module__.startswith("selfextend_local."), name
+    for name in selfextend_local.__all__:  # llama-cpp-python's own draft class, so code written for it runs
+        home = "llama_cpp." if name == "LlamaPromptLookupDecoding" else "selfextend_local."
+        assert getattr(selfextend_local, name).__module__.startswith(home), name
 
 
 def step_calls(path: Path) -> list[str]:
