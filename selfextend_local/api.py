@@ -531,7 +531,10 @@ class Llama:
         parts, last = [call.echo], None
         for last in self._chunks(call):
             parts.append(last.text)
-        return call.reply.whole("".join(parts), last, len(call.tokens))
+        whole = call.reply.whole("".join(parts), last, len(call.tokens))
+        if not self.draft:  # llama-cpp-python's shape; with drafts, llama.cpp's timings say how many were kept
+            del whole["timings"]
+        return whole
 
     def _stream(self, call: _Call) -> Iterator[dict]:
         """Chunks as llama-cpp-python streams them: for a chat the role first, then the content, then an
