@@ -8,11 +8,17 @@ model, fed the reading's own progress as the CLI, the page and the API feed it) 
 of the reading against the time it then really took, with the average-rate estimate at the same points.
 
     python scripts/bench_checkpoints.py --tokens 32768 --kv-type q8_0 --rounds 1 --out docs/checkpoints.json
+
+With --marks, no reading: the same time-left table for the readings of a scripts/long_read.py JSON (its
+chunks' marks), e.g. the 100k-token read, split into processes by its checkpoints.
+
+    python scripts/bench_checkpoints.py --marks docs/long_read.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -61,6 +67,20 @@ def estimates(marks: list[tuple[int, float]], total: int) -> list[dict]:
     return rows
 
 
+HEADER = ["round", "reading", "at", "left really (s)", "left shown (s)", "error", "average rate's (s)", "its error"]
+
+
+def time_left_of(path: Path) -> int:
+    """The time-left table of each reading in a long_read.py JSON that kept its marks."""
+    rows = []
+    for result in json.loads(path.read_text())["results"]:
+        for e in estimates([tuple(m) for m in result.get("marks", [])], result["tokens"]):
+            shown, linear = _left(e["shown"], e["true"]), _left(e["linear"], e["true"])
+            rows.append([1, f"{result['kv_type']} {result['tokens']:,}", f"{e['at']:.0%}", e["true"], *shown, *linear])
+    table(HEADER, rows)
+    return 0
+
+
 def _left(estimate: float | None, true: float) -> tuple:
     """An estimate of the time left and its error against the truth (dashes while there is none)."""
     if estimate is None:
@@ -75,7 +95,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--every", type=float, default=CHECKPOINT_SECONDS, help="seconds between checkpoints")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--marks", type=Path, help="a long_read.py JSON: its readings' time left, no reading")
     args = parser.parse_args()
+    if args.marks:
+        return time_left_of(args.marks)
     model = load_model()
     tokens = long_tokens(model, args.tokens)
     with tempfile.TemporaryDirectory(prefix="bench-checkpoints-") as tmp:
@@ -106,8 +129,7 @@ def main() -> int:
             for e in estimates(run["marks"], args.tokens):
                 shown, linear = _left(e["shown"], e["true"]), _left(e["linear"], e["true"])
                 clock_rows.append([i + 1, side, f"{e['at']:.0%}", e["true"], *shown, *linear])
-    header = ["round", "reading", "at", "left really (s)", "left shown (s)", "error", "average rate's (s)", "its error"]
-    table(header, clock_rows)
+    table(HEADER, clock_rows)
     save(
         args.out,
         {

@@ -88,6 +88,7 @@ def read_once(kv: str, n_tokens: int, state: Path | None = None, minutes: float 
         "segments": part.count + 1,
         "tok_s": round(n_tokens / seconds, 1),
         "tok_s_by_bucket": rates,
+        "marks": [[int(d), round(float(t), 3)] for d, t in marks],  # (tokens read, seconds) at each chunk's end
         "ppl": round(float(np.exp(nll.mean())), 4),
         "ppl_by_bucket": [{"from": a, "to": b, "ppl": round(p, 4)} for a, b, p in bucket_ppl(nll, BUCKET)],
         "peak_rss_bytes": max(part.peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
@@ -180,7 +181,14 @@ def main() -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"date": time.strftime("%Y-%m-%d"), "group": GROUP, "window": WINDOW, "results": results}, indent=1
+                {
+                    "date": time.strftime("%Y-%m-%d"),
+                    "command": "python scripts/long_read.py " + " ".join(sys.argv[1:]),
+                    "group": GROUP,
+                    "window": WINDOW,
+                    "results": results,
+                },
+                indent=1,
             )
         )
     if args.plot:

@@ -192,6 +192,8 @@ def render(raw: dict) -> str:
     out += render_kshift(_load(DOCS / "kshift.json"))
     out += render_ceiling(_load(DOCS / "ceiling.json")) + render_fa_op(_load(DOCS / "fa_op.json"))
     out += render_checkpoints(_load(DOCS / "checkpoints.json")) + render_beside(_load(DOCS / "beside.json"))
+    out += render_drafts([_load(DOCS / name) for name in ("drafts.json", "drafts-4.json")])
+    out += render_depth(_load(DOCS / "depth.json"))
     return "\n".join(out)
 
 
@@ -398,27 +400,61 @@ def render_long_read(long: dict | None) -> list[str]:
     """A ~100k-token read with q8_0 and f16 (`python scripts/long_read.py`)."""
     if not long:
         return []
+    command = long.get("command") or (
+        f"python scripts/long_read.py --tokens {long['results'][0]['tokens']} --json docs/long_read.json "
+        "--plot docs/long_read.png"
+    )
     out = [
         f"## The long end: {long['results'][0]['tokens']:,} tokens read once (CPU)",
         "",
-        f"Measured by `python scripts/long_read.py --tokens {long['results'][0]['tokens']} --json docs/long_read.json "
-        "--plot docs/long_read.png` on "
-        f"{long['date']}: SelfExtend G{long['group']} W{long['window']}, each type in a process of its own.",
+        f"Measured by `{command}` on {long['date']}: SelfExtend G{long['group']} W{long['window']}, each type in "
+        "a process of its own (with --segment-minutes, a process a segment: each stops at a chunk's end with the "
+        "reading's checkpoint written, the next resumes from it; the wall time is the segments' reading time, "
+        "the restores included). Peak RSS: the largest of the segments', and beside it what the process held "
+        "over Python and its libraries (the model, the KV cache, llama.cpp's compute buffers and the logits of "
+        "a chunk, every token's kept for the perplexity).",
         "",
-        "| cache | wall time | tok/s | perplexity | peak RSS | KV bytes predicted | model file |",
-        "|---|---|---|---|---|---|---|",
+        "| cache | wall time | segments | tok/s | perplexity | peak RSS | over Python | KV bytes predicted | model |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in long["results"]:
+        over = r["peak_rss_bytes"] - r["base_rss_bytes"] if "base_rss_bytes" in r else None
         out.append(
-            f"| {r['kv_type']} | {r['seconds'] / 60:.1f} min | {r['tok_s']} | {r['ppl']} | "
-            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['predicted_kv_bytes'] / 2**30:.2f} GiB | "
-            f"{r['model_bytes'] / 2**20:.0f} MiB |"
+            f"| {r['kv_type']} | {r['seconds'] / 60:.1f} min | {r.get('segments', 1)} | {r['tok_s']} | {r['ppl']} | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {'-' if over is None else f'{over / 2**30:.2f} GiB'} | "
+            f"{r['predicted_kv_bytes'] / 2**30:.2f} GiB | {r['model_bytes'] / 2**20:.0f} MiB |"
         )
     out += ["", "By 8k bucket (tok/s read; perplexity of the bucket's tokens):", "", "```"]
     for r in long["results"]:
         out.append(f"{r['kv_type']:5s} tok/s " + " ".join(f"{b['tok_s']:6.1f}" for b in r["tok_s_by_bucket"]))
         out.append(f"{r['kv_type']:5s} ppl   " + " ".join(f"{b['ppl']:6.2f}" for b in r["ppl_by_bucket"]))
-    return out + ["```", "", "![Reading speed and perplexity by position](long_read.png)", ""]
+    out.append("```")
+    out += _long_read_time_left(long)
+    return out + ["", "![Reading speed and perplexity by position](long_read.png)", ""]
+
+
+def _long_read_time_left(long: dict) -> list[str]:
+    """The time left the product would have shown during each reading, from its chunks' marks."""
+    from bench_checkpoints import estimates
+
+    rows = []
+    for r in long["results"]:
+        for e in estimates([tuple(m) for m in r.get("marks", [])], r["tokens"]):
+            shown = "-" if e["shown"] is None else f"{e['shown']:.0f} ({(e['shown'] - e['true']) / e['true']:+.1%})"
+            linear = f"{e['linear']:.0f} ({(e['linear'] - e['true']) / e['true']:+.1%})"
+            rows.append(f"| {r['kv_type']} | {e['at']:.0%} | {e['true']:.0f} | {shown} | {linear} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "The time left the CLI, the page and the API would have shown during the reading (engine/eta.py's cost "
+        "model fed the reading's own progress: `python scripts/bench_checkpoints.py --marks docs/long_read.json`), "
+        "against the time it then really took, and the average rate's estimate:",
+        "",
+        "| cache | at | really left (s) | shown (s, error) | average rate's (s, error) |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def render_grammar(grammar: dict | None) -> list[str]:
@@ -720,6 +756,54 @@ def render_beside(beside: dict | None) -> list[str]:
         "",
     ]
     return out
+
+
+def render_drafts(runs: list[dict | None]) -> list[str]:
+    """Decode with and without drafts from the prompt (`python scripts/bench_drafts.py`)."""
+    runs = [r for r in runs if r]
+    if not runs:
+        return []
+    out = ["## Drafts from the prompt (CPU)", ""]
+    for run in runs:
+        peer = run.get("peer_spec")
+        out += [
+            f"Measured by `python scripts/bench_drafts.py` on {run['when']} ({run['model']}; {run['clients']} "
+            f"client(s), --parallel {run['parallel']}, draft up to {run['draft']}, {run['rounds']} rounds of "
+            f"{run['requests']} requests a load, {run['max_tokens']} tokens greedy; the quote load's document "
+            f"{run['doc_tokens']:,} tokens under SelfExtend; llama-server: "
+            f"{'`--spec-type ' + peer + '`' if peer else 'not run'}). Decode tok/s from each server's timings:",
+            "",
+            "| load | round | off | on | on / off | drafted kept |",
+            "|---|---|---|---|---|---|",
+        ]
+        for load in ("quote", "free", "summary"):
+            for row in run.get(load, {}).get("rows", []):
+                out.append(f"| {load} | {row[0]} | {row[1]:.1f} | {row[2]:.1f} | {row[3]:.3f} | {row[4]} |")
+        medians = ", ".join(
+            f"{load} {run[load]['ours_on_off']:.3f}" for load in ("quote", "free", "summary") if load in run
+        )
+        out += ["", f"Medians of the rounds' on / off: {medians}.", ""]
+    return out
+
+
+def render_depth(depth: dict | None) -> list[str]:
+    """llama.cpp's llama-bench at depth, stock kernel sources and ours (`python scripts/bench_depth.py`)."""
+    if not depth:
+        return []
+    out = [
+        "## llama-bench at depth, stock and patched sources (CPU)",
+        "",
+        f"Measured by `{depth['command']}` on {depth['when']}: llama.cpp's own llama-bench, `-fa 1 -p 512 -n 0 "
+        "-d DEPTH`, built from the same sdist with our patches but the flash-attention kernels (stock) and with "
+        "all of them (patched), tok/s:",
+        "",
+        "| cache | depth | stock | patched | patched / stock |",
+        "|---|---|---|---|---|",
+    ]
+    for r in depth["results"]:
+        stock, patched = r["median"]["stock"], r["median"]["patched"]
+        out.append(f"| {r['kv']} | {r['depth']:,} | {stock:.1f} | {patched:.1f} | {patched / stock:.2f} |")
+    return out + [""]
 
 
 def redraw(raw: dict) -> int:
