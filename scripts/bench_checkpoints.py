@@ -9,8 +9,9 @@ of the reading against the time it then really took, with the average-rate estim
 
     python scripts/bench_checkpoints.py --tokens 32768 --kv-type q8_0 --rounds 1 --out docs/checkpoints.json
 
-With --marks, no reading: the same time-left table for the readings of a scripts/long_read.py JSON (its
-chunks' marks), e.g. the 100k-token read, split into processes by its checkpoints.
+With --marks, no reading: the same time-left table for the readings of a scripts/long_read.py or
+scripts/ceiling.py JSON (their chunks' marks), e.g. the 100k-token read, split into processes by its
+checkpoints.
 
     python scripts/bench_checkpoints.py --marks docs/long_read.json
 """
@@ -71,12 +72,15 @@ HEADER = ["round", "reading", "at", "left really (s)", "left shown (s)", "error"
 
 
 def time_left_of(path: Path) -> int:
-    """The time-left table of each reading in a long_read.py JSON that kept its marks."""
-    rows = []
-    for result in json.loads(path.read_text())["results"]:
-        for e in estimates([tuple(m) for m in result.get("marks", [])], result["tokens"]):
+    """The time-left table of each reading in a long_read.py or ceiling.py JSON that kept its marks."""
+    rows, figures = [], json.loads(path.read_text())
+    for result in figures.get("results") or figures.get("runs", []):  # long_read.py's, or ceiling.py's
+        marks = [tuple(m) for m in result.get("marks", []) if m[0] > 0]
+        total = result.get("tokens") or marks[-1][0]
+        name = f"{result['kv_type']} {result.get('kernel', '')} {total:,}".replace("  ", " ")
+        for e in estimates(marks, total):
             shown, linear = _left(e["shown"], e["true"]), _left(e["linear"], e["true"])
-            rows.append([1, f"{result['kv_type']} {result['tokens']:,}", f"{e['at']:.0%}", e["true"], *shown, *linear])
+            rows.append([1, name, f"{e['at']:.0%}", e["true"], *shown, *linear])
     table(HEADER, rows)
     return 0
 
