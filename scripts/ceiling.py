@@ -274,7 +274,8 @@ def main() -> int:
                 f"where the time goes at {at // 1024}k+, {run['kv_type']} ({run['kernel']}): "
                 + ", ".join(f"{p['where']} {p['share']}%" for p in run["profile"])
             )
-    save(args.out, {"tokens": args.tokens, "group": GROUP, "window": WINDOW, "peak": peaks, "runs": runs})
+    figures = {"tokens": args.tokens, "group": GROUP, "window": WINDOW, "peak": peaks, "runs": runs}
+    save(args.out, {"flags": " ".join(sys.argv[1:]), **figures})
     return 0
 
 
