@@ -662,7 +662,12 @@ def render_ceiling(ceiling: dict | None) -> list[str]:
         out.append("```")
     profiled = [run for run in ceiling["runs"] if run.get("profile")]
     if profiled:
-        out += ["", "Where the last bucket's time goes (perf's cpu-clock samples of the reading process):", ""]
+        out += [
+            "",
+            "Where the last bucket's time goes (perf's cpu-clock samples of the reading process, by the functions' "
+            "names; the GQA kernel's own functions are static, perf cannot name them, so they count as other):",
+            "",
+        ]
         for run in profiled:
             shares = ", ".join(f"{p['where']} {p['share']}%" for p in run["profile"])
             out.append(f"- {run['kv_type']}, {run['kernel']}: {shares}")
