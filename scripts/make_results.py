@@ -328,8 +328,9 @@ def render_fa_kl(kl: dict | None) -> list[str]:
     if not kl:
         return []
     out = [
-        "Next-token logits of our kernel against the stock kernel's on the same cache (every cached token "
-        f"written by the stock kernel; {kl['positions']} positions after {kl['cache']:,} cached tokens; mean KL), "
+        f"Next-token logits of our kernel ({_kl_kernel(kl)}) against the stock kernel's on the same cache "
+        f"(every cached token written by the stock kernel; {kl['positions']} positions after {kl['cache']:,} "
+        "cached tokens; mean KL), "
         "beside llama.cpp's own floor (its decode against its prefill's first row, stock kernel), measured by "
         f"`python scripts/fa_kernel_kl.py --json docs/fa_kernel_kl.json` on {kl['date']}:",
         "",
@@ -394,6 +395,11 @@ def render_fa_kernel(fa: dict | None) -> list[str]:
                 f"{by[(case, 'q8_0', 'patched')]} | {by[(case, 'q4_0', 'stock')]} -> {by[(case, 'q4_0', 'patched')]} |"
             )
     return out + [""]
+
+
+def _kl_kernel(kl: dict) -> str:
+    ours = kl.get("ours", "tiled")
+    return "patch 0005's GQA tiles for a prefill" if ours == "gqa" else "patch 0003's tiles for a prefill"
 
 
 def render_long_read(long: dict | None) -> list[str]:
