@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from selfextend_local.engine.settings import ExtendSettings, RuntimeSettings, SamplingSettings
 from selfextend_local.tasks.chat import Conversation
 from selfextend_local.tasks.corpus import pydoc_text
@@ -33,6 +35,7 @@ def test_stopped_reply_keeps_the_conversation_going(model):
     conversation.close()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_ingestion_exits_130_without_traceback():
     cmd = [sys.executable, "-m", "selfextend_local.cli", "generate", "--raw", "--batch", "64", "-n", "4"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -16,13 +16,13 @@ from selfextend_local.engine.kvcache import KVCache
 from selfextend_local.engine.metrics import kl_divergence
 from selfextend_local.engine.settings import RuntimeSettings
 
-N_TOKENS = 1600  # grouping (G4, W256) begins with the second chunk of 256
+N_TOKENS = 1100  # grouping (G4, W256) begins with the second chunk of 256; resumed at 768, it crosses more
 CHUNK = 256
 
 
 def session(model, kv_type: str = "f16"):
     runtime = RuntimeSettings(kv_type=kv_type, batch=CHUNK, gpu_layers=GPU_LAYERS)
-    return make_session(model, runtime, 1792, group=4, window=256)
+    return make_session(model, runtime, 1280, group=4, window=256)
 
 
 def read(model, kv_type: str, tokens, checkpoints=None, stop_at: int | None = None) -> np.ndarray:
@@ -43,7 +43,7 @@ def doc(pydoc_tokens):
     return list(pydoc_tokens[:N_TOKENS])
 
 
-@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("kv_type", [pytest.param("f16", marks=pytest.mark.slow), "q8_0"])
 def test_a_stopped_reading_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(model, doc, tmp_path, kv_type):
     want = read(model, kv_type, doc)
     cache = KVCache(tmp_path / "kv")

@@ -120,6 +120,7 @@ def follow(url: str, ident: str, events: list[dict], joined: threading.Event, le
                     return
 
 
+@pytest.mark.slow
 def test_one_reading_for_every_tab_and_question_on_a_document(served):
     """A document being read: a second follower, a question, and the card all see that one reading; the
     first follower leaving does not stop it; the question waits for it and uses it (no second reading in

@@ -128,6 +128,7 @@ def test_draft_settings_out_of_range_are_refused():
 # -- one sequence ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_greedy_replies_are_the_same_with_drafts(model, free_drafts):
     """scripts/greedy_outputs.py's short prompts and two that quote: drafted where the text allows, and
     the same replies."""
@@ -143,7 +144,7 @@ def test_greedy_replies_are_the_same_with_drafts(model, free_drafts):
     assert accepted >= 20  # the quoting replies kept drafted tokens
 
 
-@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("kv_type", [pytest.param("f16", marks=pytest.mark.slow), "q8_0"])
 def test_drafts_under_selfextend(model, free_drafts, kv_type):
     """A prompt that groups (G4 W256, ~1k tokens) and a reply held after it (the usual case: no cell
     moves while generating), with a quantized cache too: the same reply, drafts kept, nothing left in the
@@ -155,6 +156,7 @@ def test_drafts_under_selfextend(model, free_drafts, kv_type):
     assert drafted.last.accepted >= 5
 
 
+@pytest.mark.slow
 def test_drafts_stop_short_of_each_grouping_step(model, free_drafts):
     """A reply that cannot be held (it may run past the trained positions) groups every G tokens as it
     goes: a draft is never decoded across one of those steps, and the sequence ends as a token at a time
@@ -232,6 +234,7 @@ def test_a_grammar_refuses_what_it_must_and_the_reply_validates(model, free_draf
 # -- several slots, sampling ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_several_slots_draft_in_one_decode(model, free_drafts):
     """Three quoting requests decoded together, each drafting in the same decode: each reply as alone
     without drafts."""
@@ -263,6 +266,7 @@ def test_several_slots_draft_in_one_decode(model, free_drafts):
         assert_same(w, o)
 
 
+@pytest.mark.slow
 def test_sampled_replies_keep_their_distribution(model, free_drafts):
     """At temperature 1 over the whole vocabulary, how far the reply follows the text it could copy (and
     that is drafted): the same distribution with drafts (other seeds) as without, within a tolerance that

@@ -43,7 +43,7 @@ def logits_after_edits(model, kv_type: str, seqs: tuple[int, ...]) -> np.ndarray
         context.close()
 
 
-@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("kv_type", [pytest.param("f16", marks=pytest.mark.slow), "q8_0"])
 def test_moved_cells_only_equals_every_cell(model, monkeypatch, kv_type):
     seqs = (0, 2)  # the first and the last stream moved, the one between them not
     monkeypatch.setenv(ALL_CELLS, "1")

@@ -20,7 +20,7 @@ from selfextend_local.tasks.corpus import pydoc_text
 from selfextend_local.testing import start_server, stop_server
 
 playwright = pytest.importorskip("playwright.sync_api")
-LONG_CHARS = 36000  # ~8.6k tokens of pydoc text: past the bundled model's 8k training context
+LONG_CHARS = 35200  # ~8.35k tokens of pydoc text: past the bundled model's 8k training context
 
 
 def chromium() -> str:
@@ -78,6 +78,7 @@ def test_read_a_long_document_ask_and_reopen_it(browser, tmp_path):
         page.goto(url)
         # the second tab's chat is short: the test waits on the reading, not on a chat beside it (issue 42.1)
         page.evaluate("([key, value]) => localStorage.setItem(key, value)", [STORE, json.dumps(QUICK)])
+        page.reload()  # the answer about the document is short too: up to 256 tokens at depth 8k take long
         other.goto(url)
         drop(page, "pydoc.txt", pydoc_text()[:LONG_CHARS])
         page.wait_for_selector("#document-panel:not([hidden])")
@@ -267,6 +268,7 @@ def test_state_is_kept_across_a_reload(browser, server):
     page.context.close()
 
 
+@pytest.mark.slow
 def test_questions_go_to_the_document_shown(browser, server):
     """42.3: a dropped document is read at once, with the focus in the input; a second one (dropped at a
     phone's size) shows its own (empty) questions, not the first's, and the input names it; the first's
@@ -296,6 +298,7 @@ def test_questions_go_to_the_document_shown(browser, server):
     page.context.close()
 
 
+@pytest.mark.slow
 def test_a_reading_shows_its_time_left_in_every_tab(browser, server):
     """42.4 and 42.8: while a document is read in a tab at a desktop's size, its card shows the time left
     from the server's events, and the documents list shows the reading, in that tab and in another at a
@@ -322,6 +325,7 @@ def test_a_reading_shows_its_time_left_in_every_tab(browser, server):
     page.context.close()
 
 
+@pytest.mark.slow
 def test_the_phone_layout_keeps_everything_in_reach(browser, server):
     """42.5: at 390x844 the header wraps within the width, Settings takes a tap (New conversation does not
     cover it), and the input stays on screen while an answer streams below a long conversation; the

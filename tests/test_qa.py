@@ -195,12 +195,12 @@ def test_two_processes_sharing_a_cache_both_answer(tmp_path):
     docs = []
     for i in range(2):
         docs.append(tmp_path / f"doc{i}.txt")
-        docs[-1].write_text(pydoc_text()[6000 * (i + 1) : 6000 * (i + 2)])
+        docs[-1].write_text(pydoc_text()[3000 * (i + 1) : 3000 * (i + 2)])  # ~700 tokens, ~16 MB at f16
     kv = tmp_path / "kv"
 
     def qa(doc):
         cmd = [sys.executable, "-m", "selfextend_local.cli", "qa", "--doc", str(doc), "--cache-dir", str(kv)]
-        cmd += ["--cache-size", "0.05", "-g", "4", "-w", "256", "--temperature", "0", "-n", "4", Q1, "-q", Q2]
+        cmd += ["--cache-size", "0.02", "-g", "4", "-w", "256", "--temperature", "0", "-n", "4", Q1, "-q", Q2]
         cmd += ["--threads", "1"]  # two processes on two cores: llama.cpp's spinning threads must not contend
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -147,6 +147,7 @@ def test_disconnect_mid_stream_frees_the_server(server, client):
     assert reply.choices[0].text and reply.usage.completion_tokens > 0
 
 
+@pytest.mark.slow
 def test_an_abandoned_request_that_does_not_stream_frees_its_slot(server):
     """The client gives up (a read timeout) and closes the connection: generation stops as for a stream."""
     with pytest.raises(httpx.ReadTimeout):
@@ -180,11 +181,11 @@ def test_burst_beyond_the_queue_gets_429_and_nothing_hangs(server):
 
 @pytest.mark.slow
 def test_a_self_extended_prompt_same_answer_as_generate(tmp_path):
-    """Grouping forced on a ~2.3k-token prompt (G4 W512): the server's slot and generate answer alike. (Past
+    """Grouping forced on a ~1.4k-token prompt (G4 W256): the server's slot and generate answer alike. (Past
     the 8k training context the path is the same; scripts/greedy_outputs.py compares them at ~9.5k, which
     costs two 9.5k ingestions, minutes here.)"""
-    text = pydoc_text()[:9500]  # ~2.3k tokens: past 4 x 512, so every later key is grouped
-    args = ["-g", "4", "-w", "512", "--temperature", "0", "-n", "24"]
+    text = pydoc_text()[:6000]  # ~1.4k tokens: past 4 x 256, so every later key is grouped
+    args = ["-g", "4", "-w", "256", "--temperature", "0", "-n", "24"]
     cli = subprocess.run(
         [sys.executable, "-m", "selfextend_local.cli", "generate", "-v", "--raw", *args],
         input=text,
@@ -193,15 +194,15 @@ def test_a_self_extended_prompt_same_answer_as_generate(tmp_path):
         timeout=900,
         env={**os.environ},
     )
-    assert cli.returncode == 0 and "SelfExtend G=4 W=512" in cli.stderr, cli.stderr
-    proc, url = start_server("-g", "4", "-w", "512")
+    assert cli.returncode == 0 and "SelfExtend G=4 W=256" in cli.stderr, cli.stderr
+    proc, url = start_server("-g", "4", "-w", "256")
     try:
         reply = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=900).completions.create(
             model="m", prompt=text, max_tokens=24, temperature=0
         )
     finally:
         stop_server(proc)
-    assert reply.usage.prompt_tokens > 4 * 512
+    assert reply.usage.prompt_tokens > 4 * 256
     assert reply.choices[0].text == cli.stdout.rstrip("\n")
 
 
@@ -255,6 +256,7 @@ def test_a_field_left_out_is_the_servers_setting_and_every_response_says_what_se
         stop_server(proc)
 
 
+@pytest.mark.slow
 def test_a_long_prompt_streams_its_reading_progress_when_asked(client):
     """`return_progress`, as llama.cpp's server names it: chunks with prompt_progress, total, cache,
     processed and time_ms, before the first token; none unless asked."""

@@ -76,6 +76,7 @@ def test_a_grammar_with_no_way_forward_ends_with_an_error(llm, structure):
         llm.batch([ASK, ASK], parallel=2, max_tokens=8, temperature=0, **structure)
 
 
+@pytest.mark.slow
 def test_seeded_replies_held_to_a_schema_are_all_json(llm):
     for seed in range(20):
         reply = llm.create_chat_completion(ASK, max_tokens=120, temperature=0.9, seed=seed, response_format=fmt(PAIR))

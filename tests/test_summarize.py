@@ -179,7 +179,11 @@ def test_a_schema_that_cannot_be_used_is_one_line(tmp_path, content, fragment):
     ("schema", "fragment"),
     [
         ({"type": "string", "pattern": "^\\x00$"}, "allows no token"),  # aborted the process: no records
-        ({"allOf": [{"type": "string", "maxLength": 10}, {"type": "integer"}]}, "does not validate"),
+        pytest.param(
+            {"allOf": [{"type": "string", "maxLength": 10}, {"type": "integer"}]},
+            "does not validate",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_a_summary_that_cannot_follow_its_schema_is_an_error_record(tmp_path, schema, fragment):
