@@ -712,8 +712,9 @@ def render_checkpoints(cp: dict | None) -> list[str]:
         f"## A long reading's checkpoints and time left: {cp['tokens']:,} tokens, {cp['kv_type']} (CPU)",
         "",
         f"Measured by `python scripts/bench_checkpoints.py --tokens {cp['tokens']} --kv-type {cp['kv_type']} "
-        f"--out docs/checkpoints.json` on {cp['when']}: SelfExtend G16 W1024, checkpoints every {cp['every']:g} s "
-        "(the default), the two readings alternating.",
+        f"--rounds {len(cp['rounds'])} --out docs/checkpoints.json` on {cp['when']}: SelfExtend G16 W1024, "
+        f"checkpoints every {cp['every']:g} s (the default), the two readings alternating; the median of the "
+        f"rounds' with / without is {cp['ratio']:.3f}.",
         "",
         "| round | without (s) | with (s) | with / without | checkpoints | MiB written | writing (s) |",
         "|---|---|---|---|---|---|---|",
