@@ -9,10 +9,14 @@ A prompt token at position p costs 2 * (weights' parameters outside the embeddin
 bundled SmolLM2-135M, 0.21 Gflop and 69,120 * p flops.
 
 --kernels picks flash-attention kernels to compare side by side, by the value of GGML_CPU_FA_KERNEL each
-reading process gets (see patches/0005: "tiled" is patch 0003's kernel, "gqa" the fifth patch's).
+reading process gets (see patches/0005: "tiled" is patch 0003's kernel, "gqa" the fifth patch's). With
+--alternate they take turns chunk by chunk within one reading in one process instead (the build reads the
+variable at every op), so both meet the same depths, the same process and the same moment of the machine;
+each bucket's figures are then each kernel's over its own chunks.
 
     python scripts/ceiling.py --tokens 32768 --types f16,q8_0,q4_0 --out docs/ceiling.json
     python scripts/ceiling.py --tokens 32768 --types q8_0 --kernels tiled,gqa --profile
+    python scripts/ceiling.py --tokens 32768 --types q8_0 --kernels tiled,gqa --alternate
 """
 
 from __future__ import annotations
@@ -107,10 +111,11 @@ def flops(model, every_logit: bool = False) -> tuple[float, float]:
     return weights, 4.0 * n_head * (n_embd // n_head) * model.info.n_layers
 
 
-def read(kv: str, n_tokens: int, profile_at: int | None, perplexity: bool) -> dict:
+def read(kv: str, n_tokens: int, profile_at: int | None, perplexity: bool, turns: list[str] | None = None) -> dict:
     """In a child process: read the text with a ``kv`` cache; the (done, seconds) of every step, and with
     ``perplexity`` every token's logits (the output layer's flops counted) and the perplexity by bucket.
-    Prints a line ``PROFILE`` once ``profile_at`` tokens are read (the parent then samples this process)."""
+    Prints a line ``PROFILE`` once ``profile_at`` tokens are read (the parent then samples this process).
+    With ``turns`` the kernels take turns a chunk each; ``kernels`` says which read each step."""
     from selfextend_local.engine.planning import Plan, align_cells
     from selfextend_local.engine.session import Session
     from selfextend_local.engine.settings import RuntimeSettings
@@ -121,41 +126,67 @@ def read(kv: str, n_tokens: int, profile_at: int | None, perplexity: bool) -> di
     model = load_model()
     tokens = long_tokens(model, n_tokens)
     plan = Plan(GROUP, WINDOW, "neighbor", "auto", align_cells(n_tokens), model.info.n_ctx_train, "ceiling")
-    marks = [(0, 0.0)]
+    marks, used = [(0, 0.0)], []
     told = [profile_at is None]
+
+    def take_turn() -> None:
+        if turns:
+            os.environ["GGML_CPU_FA_KERNEL"] = turns[len(used) % len(turns)]
+        used.append(os.environ.get("GGML_CPU_FA_KERNEL", "default"))
 
     def progress(done: int, total: int) -> None:
         marks.append((done, time.perf_counter() - start))
+        take_turn()
         if not told[0] and done >= profile_at:
             print("PROFILE", flush=True)
             told[0] = True
 
     with Session(model, plan, RuntimeSettings(kv_type=kv)) as session:
+        take_turn()
         start = time.perf_counter()
         if perplexity:
             nll = token_nlls(session, tokens, progress)
         else:
             session.ingest(tokens, progress)
     weights, per_cell = flops(model, every_logit=perplexity)
-    out = {"kv_type": kv, "marks": marks, "weights_flops": weights, "cell_flops": per_cell}
+    out = {
+        "kv_type": kv,
+        "marks": marks,
+        "kernels": used[: len(marks) - 1],
+        "weights_flops": weights,
+        "cell_flops": per_cell,
+    }
     if perplexity:
         out["ppl"] = float(np.exp(nll.mean()))
         out["ppl_by_bucket"] = [{"from": a, "to": b, "ppl": p} for a, b, p in bucket_ppl(nll, BUCKET)]
     return out
 
 
-def buckets(run: dict, peak_fp32: float) -> list[dict]:
-    """tok/s and effective Gflop/s of each 8k bucket of a reading."""
+def buckets(run: dict, peak_fp32: float, kernel: str | None = None) -> list[dict]:
+    """tok/s and effective Gflop/s of each 8k bucket of a reading (with ``kernel``, over its chunks only)."""
     marks, out = run["marks"], []
+    kernels = run.get("kernels") or [None] * (len(marks) - 1)
+    steps = [(*marks[i], *marks[i + 1]) for i in range(len(marks) - 1) if kernel in (None, kernels[i])]
     for edge in range(BUCKET, marks[-1][0] + BUCKET, BUCKET):
-        inside = [(d, t) for d, t in marks if edge - BUCKET <= d <= edge]
-        if len(inside) < 2:
+        inside = [(d0, t0, d1, t1) for d0, t0, d1, t1 in steps if edge - BUCKET <= d0 and d1 <= edge]
+        if not inside:
             continue
-        (d0, t0), (d1, t1) = inside[0], inside[-1]
-        work = run["weights_flops"] * (d1 - d0) + run["cell_flops"] * (d1 * d1 - d0 * d0) / 2
-        gflops = work / (t1 - t0) / 1e9
+        tokens = sum(d1 - d0 for d0, _, d1, _ in inside)
+        seconds = sum(t1 - t0 for _, t0, _, t1 in inside)
+        work = sum(
+            run["weights_flops"] * (d1 - d0) + run["cell_flops"] * (d1 * d1 - d0 * d0) / 2 for d0, _, d1, _ in inside
+        )
+        gflops = work / seconds / 1e9
+        first, last = inside[0][0], inside[-1][2]
         out.append(
-            {"from": d0, "to": d1, "tok_s": (d1 - d0) / (t1 - t0), "gflops": gflops, "share": gflops / peak_fp32}
+            {
+                "from": first,
+                "to": last,
+                "name": f"{(edge - BUCKET) // 1024}-{edge // 1024}k",
+                "tok_s": tokens / seconds,
+                "gflops": gflops,
+                "share": gflops / peak_fp32,
+            }
         )
     return out
 
@@ -207,9 +238,12 @@ def profile(pid: int, seconds: float) -> list[dict]:
     return [{"where": k, "share": round(v, 1)} for k, v in sorted(shares.items(), key=lambda kv: -kv[1])]
 
 
-def reading(kv: str, kernel: str | None, tokens: int, profile_at: int | None, perplexity: bool) -> dict:
+def reading(
+    kv: str, kernel: str | None, tokens: int, profile_at: int | None, perplexity: bool, turns: str = ""
+) -> dict:
     env = {**os.environ, **({"GGML_CPU_FA_KERNEL": kernel} if kernel else {})}
     cmd = [sys.executable, __file__, "--child", kv, "--tokens", str(tokens)]
+    cmd += ["--turns", turns] if turns else []
     cmd += ["--profile-at", str(profile_at)] if profile_at else []
     cmd += ["--perplexity"] if perplexity else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -221,7 +255,7 @@ def reading(kv: str, kernel: str | None, tokens: int, profile_at: int | None, pe
             result = json.loads(line)
     if proc.wait() != 0:
         raise SystemExit(f"the reading with {kv} failed")
-    return {**result, "kernel": kernel or "default", "profile": found}
+    return {**result, "kernel": kernel or ("alternating" if turns else "default"), "profile": found}
 
 
 def main() -> int:
@@ -231,12 +265,15 @@ def main() -> int:
     parser.add_argument("--kernels", default="", help="values of GGML_CPU_FA_KERNEL to compare (default: as built)")
     parser.add_argument("--profile", action="store_true", help="profile the last 8k bucket (needs perf)")
     parser.add_argument("--perplexity", action="store_true", help="every token's logits, and perplexity by bucket")
+    parser.add_argument("--alternate", action="store_true", help="--kernels take turns a chunk each in one reading")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--turns", default="", help=argparse.SUPPRESS)
     parser.add_argument("--profile-at", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(read(args.child, args.tokens, args.profile_at, args.perplexity)), flush=True)
+        turns = [k for k in args.turns.split(",") if k]
+        print(json.dumps(read(args.child, args.tokens, args.profile_at, args.perplexity, turns)), flush=True)
         return 0
     from selfextend_local.engine.settings import default_threads
 
@@ -244,20 +281,26 @@ def main() -> int:
     print(f"peak on {default_threads()} threads: " + ", ".join(f"{k} {v:,.1f} Gflop/s" for k, v in peaks.items()))
     kernels = [k for k in args.kernels.split(",") if k] or [None]
     at = args.tokens - BUCKET + 2048 if args.profile else None
-    runs = [reading(kv, kernel, args.tokens, at, args.perplexity) for kv in args.types.split(",") for kernel in kernels]
+    if args.alternate and len(kernels) < 2:
+        raise SystemExit("--alternate needs two or more --kernels, e.g. --kernels tiled,gqa")
+    if args.alternate:
+        runs = [reading(kv, None, args.tokens, at, args.perplexity, args.kernels) for kv in args.types.split(",")]
+    else:
+        runs = [reading(kv, k, args.tokens, at, args.perplexity) for kv in args.types.split(",") for k in kernels]
     rows = []
     for run in runs:
-        for b in buckets(run, peaks["fp32"]):
-            rows.append(
-                [
-                    run["kv_type"],
-                    run["kernel"],
-                    f"{b['from'] // 1024}-{b['to'] // 1024}k",
-                    b["tok_s"],
-                    b["gflops"],
-                    f"{b['share']:.2f}",
-                ]
-            )
+        for kernel in kernels if args.alternate else [None]:
+            for b in buckets(run, peaks["fp32"], kernel):
+                rows.append(
+                    [
+                        run["kv_type"],
+                        kernel or run["kernel"],
+                        b["name"],
+                        b["tok_s"],
+                        b["gflops"],
+                        f"{b['share']:.2f}",
+                    ]
+                )
     table(["kv", "kernel", "bucket", "tok/s", "Gflop/s", "share of fp32 peak"], rows)
     if args.perplexity:
         table(
@@ -275,6 +318,8 @@ def main() -> int:
                 + ", ".join(f"{p['where']} {p['share']}%" for p in run["profile"])
             )
     figures = {"tokens": args.tokens, "group": GROUP, "window": WINDOW, "peak": peaks, "runs": runs}
+    if args.alternate:
+        figures["by_kernel"] = {k: buckets(r, peaks["fp32"], k) for r in runs for k in kernels}
     save(args.out, {"flags": " ".join(sys.argv[1:]), **figures})
     return 0
 

@@ -190,7 +190,8 @@ def render(raw: dict) -> str:
     out += render_long_read(_load(DOCS / "long_read.json")) + render_peer(_load(DOCS / "peer.json"))
     out += render_grammar(_load(DOCS / "grammar.json")) + render_page(_load(DOCS / "page.json"))
     out += render_kshift(_load(DOCS / "kshift.json"))
-    out += render_ceiling(_load(DOCS / "ceiling.json")) + render_fa_op(_load(DOCS / "fa_op.json"))
+    out += render_ceiling(_load(DOCS / "ceiling.json")) + render_alternating(_load(DOCS / "ceiling-alternating.json"))
+    out += render_fa_op(_load(DOCS / "fa_op.json"))
     out += render_checkpoints(_load(DOCS / "checkpoints.json")) + render_beside(_load(DOCS / "beside.json"))
     out += render_drafts([_load(DOCS / name) for name in ("drafts.json", "drafts-4.json")])
     out += render_depth(_load(DOCS / "depth.json"))
@@ -677,6 +678,34 @@ def render_ceiling(ceiling: dict | None) -> list[str]:
         for run in profiled:
             shares = ", ".join(f"{p['where']} {p['share']}%" for p in run["profile"])
             out.append(f"- {run['kv_type']}, {run['kernel']}: {shares}")
+    return out + [""]
+
+
+def render_alternating(ceiling: dict | None) -> list[str]:
+    """Two kernels taking turns chunk by chunk in one reading (`python scripts/ceiling.py --alternate`)."""
+    if not ceiling:
+        return []
+    from ceiling import buckets
+
+    peak, run = ceiling["peak"], ceiling["runs"][0]
+    kernels = list(ceiling["by_kernel"])
+    by = {k: buckets(run, peak["fp32"], k) for k in kernels}
+    names = [b["name"] for b in by[kernels[0]]]
+    out = [
+        f"The same kernels taking turns a chunk each within one {ceiling['tokens']:,}-token {run['kv_type']} reading, "
+        f"in one process (`python scripts/ceiling.py {ceiling.get('flags', '')}`, {ceiling['when']}; the build "
+        "reads GGML_CPU_FA_KERNEL at every op), so both meet the same depths in the same process; each bucket's "
+        "figures are each kernel's over its own chunks:",
+        "",
+        "| cache | kernel | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for k in kernels:
+        cells = [f"{b['tok_s']:.1f} tok/s, {b['gflops']:.0f} Gflop/s ({b['share']:.2f})" for b in by[k]]
+        out.append(f"| {run['kv_type']} | {k} | " + " | ".join(cells) + " |")
+    first, last = by[kernels[0]], by[kernels[-1]]
+    ratios = [f"{b['tok_s'] / a['tok_s']:.2f}x" for a, b in zip(first, last)]
+    out.append(f"| | {kernels[-1]} / {kernels[0]} | " + " | ".join(ratios) + " |")
     return out + [""]
 
 
