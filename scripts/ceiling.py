@@ -275,14 +275,16 @@ def main() -> int:
         turns = [k for k in args.turns.split(",") if k]
         print(json.dumps(read(args.child, args.tokens, args.profile_at, args.perplexity, turns)), flush=True)
         return 0
+    kernels = [k for k in args.kernels.split(",") if k] or [None]
+    if args.alternate and len(kernels) < 2:
+        raise SystemExit("--alternate needs two or more --kernels, e.g. --kernels tiled,gqa")
+    if args.alternate and "," in args.types:
+        raise SystemExit("--alternate reads one cache type at a time, e.g. --types q8_0")
     from selfextend_local.engine.settings import default_threads
 
     peaks = peak(default_threads())
     print(f"peak on {default_threads()} threads: " + ", ".join(f"{k} {v:,.1f} Gflop/s" for k, v in peaks.items()))
-    kernels = [k for k in args.kernels.split(",") if k] or [None]
     at = args.tokens - BUCKET + 2048 if args.profile else None
-    if args.alternate and len(kernels) < 2:
-        raise SystemExit("--alternate needs two or more --kernels, e.g. --kernels tiled,gqa")
     if args.alternate:
         runs = [reading(kv, None, args.tokens, at, args.perplexity, args.kernels) for kv in args.types.split(",")]
     else:
