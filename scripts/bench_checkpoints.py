@@ -81,8 +81,20 @@ def time_left_of(path: Path) -> int:
         for e in estimates(marks, total):
             shown, linear = _left(e["shown"], e["true"]), _left(e["linear"], e["true"])
             rows.append([1, name, f"{e['at']:.0%}", e["true"], *shown, *linear])
+        if first := first_shown(marks, total):
+            print(f"{name}: first time left shown at {first[0]:.1%} of the reading, {first[1]:+.1%} off")
     table(HEADER, rows)
     return 0
+
+
+def first_shown(marks: list[tuple[int, float]], total: int) -> tuple[float, float] | None:
+    """Where in the reading the cost model first says a time left (a share of it), and that estimate's error."""
+    clock, end = Clock(), marks[-1][1]
+    for done, at in marks:
+        clock.mark(done, at)
+        if done < total and (shown := clock.seconds_left(done, total)) is not None:
+            return done / total, (shown - (end - at)) / (end - at)
+    return None
 
 
 def _left(estimate: float | None, true: float) -> tuple:
