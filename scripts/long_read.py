@@ -1,8 +1,10 @@
 """The long end on this machine: a ~100k-token text read once with a q8_0 KV cache and once with f16, under
-SelfExtend G16 W1024 (what reaches ~115k tokens on the bundled 8k model).
+SelfExtend G16 W1024 (what reaches ~115k tokens on the bundled 8k model; --group and --window set another).
 
 Each type is read in a process of its own (so each peak RSS is its own): wall time, tok/s by 8k bucket,
-peak RSS against the KV bytes the plan predicts (and the model file), and perplexity by 8k bucket. Writes
+peak RSS against what the reading is predicted to hold (the KV bytes the plan predicts, the model file, and
+the buffers a chunk's logits fill: llama.cpp's compute and output buffers and this script's copy), and
+perplexity by 8k bucket. Writes
 --json and a plot (--plot) of tok/s and perplexity by position for both.
 
 With --segment-minutes M the reading is split: each process reads for about M minutes, stops at a chunk's
@@ -29,7 +31,14 @@ import numpy as np
 GROUP, WINDOW, BUCKET = 16, 1024, 8192
 
 
-def read_once(kv: str, n_tokens: int, state: Path | None = None, minutes: float | None = None) -> dict:
+def read_once(
+    kv: str,
+    n_tokens: int,
+    state: Path | None = None,
+    minutes: float | None = None,
+    group: int = GROUP,
+    window: int = WINDOW,
+) -> dict:
     """Read the text with a ``kv`` cache in this process (with ``state``, from where the last segment
     stopped, for at most ``minutes``); its figures, or ``{"done": False}`` for a segment that stopped."""
     from selfextend_local.engine.checkpoint import Checkpoints
@@ -48,11 +57,12 @@ def read_once(kv: str, n_tokens: int, state: Path | None = None, minutes: float 
     model = load_model()
     tokens = long_tokens(model, n_tokens)
     cells = align_cells(n_tokens)
-    plan = Plan(GROUP, WINDOW, "neighbor", "auto", cells, model.info.n_ctx_train, "long_read")
+    plan = Plan(group, window, "neighbor", "auto", cells, model.info.n_ctx_train, "long_read")
     part = Segments(state, kv, n_tokens)
     checkpoints = Checkpoints(KVCache(state / "kv", 1 << 40), tokens, every=3600) if state else None
     targets = np.asarray(tokens, dtype=np.int64)
     with Session(model, plan, RuntimeSettings(kv_type=kv)) as session:
+        logits_bytes = session.context.n_batch * model.n_vocab * 4  # a chunk's logits, every token's
         start = time.perf_counter()
 
         def take(offset: int, logits: np.ndarray) -> None:  # offsets count from where this segment began
@@ -95,6 +105,9 @@ def read_once(kv: str, n_tokens: int, state: Path | None = None, minutes: float 
         "base_rss_bytes": base_rss,
         "predicted_kv_bytes": cells * kv_bytes_per_cell(model.info, kv),
         "model_bytes": model.info.size_bytes,
+        # llama.cpp's compute buffer holds a chunk's logits tensor (99.4 MiB of it at 8k cells, 110.2 at
+        # 100k, its own log says), its output buffer the logits asked for, and Context.logits copies them
+        "predicted_buffer_bytes": 3 * logits_bytes,
     }
 
 
@@ -123,7 +136,7 @@ class Segments:
         tmp.replace(self.path)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, group: int, window: int) -> None:
     from selfextend_local.extras import pyplot
 
     plt = pyplot()
@@ -133,7 +146,7 @@ def plot(results: list[dict], path: Path) -> None:
         speed.plot(mids, [b["tok_s"] for b in result["tok_s_by_bucket"]], marker="o", label=result["kv_type"])
         mids = [(b["from"] + b["to"]) / 2 / 1000 for b in result["ppl_by_bucket"]]
         ppl.plot(mids, [b["ppl"] for b in result["ppl_by_bucket"]], marker="o", label=result["kv_type"])
-    speed.set(xlabel="position (k tokens)", ylabel="tokens/s read", title=f"reading speed, G{GROUP} W{WINDOW}")
+    speed.set(xlabel="position (k tokens)", ylabel="tokens/s read", title=f"reading speed, G{group} W{window}")
     ppl.set(xlabel="position (k tokens)", ylabel="perplexity (8k bucket)", title="perplexity by position")
     for axis in (speed, ppl):
         axis.grid(alpha=0.3)
@@ -146,6 +159,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--types", default="q8_0,f16")
+    parser.add_argument("--group", type=int, default=GROUP)
+    parser.add_argument("--window", type=int, default=WINDOW)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--segment-minutes", type=float, default=None, help="split the reading (needs --state)")
@@ -155,11 +170,12 @@ def main() -> int:
     if args.segment_minutes and not args.state:
         parser.error("--segment-minutes needs --state")
     if args.one:
-        print(json.dumps(read_once(args.one, args.tokens, args.state, args.segment_minutes)))
+        print(json.dumps(read_once(args.one, args.tokens, args.state, args.segment_minutes, args.group, args.window)))
         return 0
     results = []
     for kv in args.types.split(","):
         child = [sys.executable, __file__, "--one", kv, "--tokens", str(args.tokens)]
+        child += ["--group", str(args.group), "--window", str(args.window)]
         if args.segment_minutes:
             child += ["--state", str(args.state), "--segment-minutes", str(args.segment_minutes)]
         while True:
@@ -175,7 +191,8 @@ def main() -> int:
             f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB "
             f"({(r['peak_rss_bytes'] - r['base_rss_bytes']) / 2**30:.2f} "
             f"over Python and its libraries), predicted KV {r['predicted_kv_bytes'] / 2**30:.2f} GiB "
-            f"+ model {r['model_bytes'] / 2**30:.2f} GiB",
+            f"+ model {r['model_bytes'] / 2**30:.2f} GiB + a chunk's logits' buffers "
+            f"{r['predicted_buffer_bytes'] / 2**30:.2f} GiB",
             flush=True,
         )
     if args.json:
@@ -184,15 +201,15 @@ def main() -> int:
                 {
                     "date": time.strftime("%Y-%m-%d"),
                     "command": "python scripts/long_read.py " + " ".join(sys.argv[1:]),
-                    "group": GROUP,
-                    "window": WINDOW,
+                    "group": args.group,
+                    "window": args.window,
                     "results": results,
                 },
                 indent=1,
             )
         )
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, args.group, args.window)
     return 0
 
 

@@ -187,7 +187,10 @@ def render(raw: dict) -> str:
         out += render_part(gpu, "GPU", "lengths as in the table")
     out += render_kv(_load(DOCS / "kv.json")) + render_kv_quality(_load(DOCS / "kv_quality.json"))
     out += render_fa_kernel(_load(DOCS / "fa_kernel.json")) + render_fa_kl(_load(DOCS / "fa_kernel_kl.json"))
-    out += render_long_read(_load(DOCS / "long_read.json")) + render_peer(_load(DOCS / "peer.json"))
+    out += render_long_read(_load(DOCS / "long_read.json"), "long_read.png")
+    out += render_long_read(_load(DOCS / "long_read-f16.json"), "long_read-f16.png")
+    out += render_long_read(_load(DOCS / "long_read-g32.json"), "long_read-g32.png")
+    out += render_short_context(_load(DOCS / "short_context.json")) + render_peer(_load(DOCS / "peer.json"))
     out += render_grammar(_load(DOCS / "grammar.json")) + render_page(_load(DOCS / "page.json"))
     out += render_kshift(_load(DOCS / "kshift.json"))
     out += render_ceiling(_load(DOCS / "ceiling.json")) + render_alternating(_load(DOCS / "ceiling-alternating.json"))
@@ -403,8 +406,8 @@ def _kl_kernel(kl: dict) -> str:
     return "patch 0005's GQA tiles for a prefill" if ours == "gqa" else "patch 0003's tiles for a prefill"
 
 
-def render_long_read(long: dict | None) -> list[str]:
-    """A ~100k-token read with q8_0 and f16 (`python scripts/long_read.py`)."""
+def render_long_read(long: dict | None, plot: str) -> list[str]:
+    """A ~100k-token read with q8_0 and f16 (`python scripts/long_read.py`), its plot in ``plot``."""
     if not long:
         return []
     command = long.get("command") or (
@@ -412,35 +415,63 @@ def render_long_read(long: dict | None) -> list[str]:
         "--plot docs/long_read.png"
     )
     out = [
-        f"## The long end: {long['results'][0]['tokens']:,} tokens read once (CPU)",
+        f"## The long end: {long['results'][0]['tokens']:,} tokens read once, "
+        f"{', '.join(r['kv_type'] for r in long['results'])} G{long['group']} (CPU)",
         "",
         f"Measured by `{command}` on {long['date']}: SelfExtend G{long['group']} W{long['window']}, each type in "
         "a process of its own (with --segment-minutes, a process a segment: each stops at a chunk's end with the "
         "reading's checkpoint written, the next resumes from it; the wall time is the segments' reading time, "
         "the restores included). Peak RSS: the largest of the segments', and beside it what the process held "
         "over Python and its libraries (the model, the KV cache, llama.cpp's compute buffers and the logits of "
-        "a chunk, every token's kept for the perplexity).",
+        "a chunk, every token's kept for the perplexity). Buffers predicted: a chunk's logits three times over "
+        "(llama.cpp's compute buffer holds them as a tensor, its output buffer keeps them, the script copies "
+        "them); the predicted total is the KV bytes, the model and those.",
         "",
-        "| cache | wall time | segments | tok/s | perplexity | peak RSS | over Python | KV bytes predicted | model |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cache | wall time | segments | tok/s | perplexity | peak RSS | over Python | KV bytes predicted | model "
+        "| buffers predicted | over Python / predicted total |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in long["results"]:
         over = r["peak_rss_bytes"] - r["base_rss_bytes"] if "base_rss_bytes" in r else None
+        buffers = r.get("predicted_buffer_bytes")
+        total = r["predicted_kv_bytes"] + r["model_bytes"] + (buffers or 0)
         out.append(
             f"| {r['kv_type']} | {r['seconds'] / 60:.1f} min | {r.get('segments', 1)} | {r['tok_s']} | {r['ppl']} | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {'-' if over is None else f'{over / 2**30:.2f} GiB'} | "
-            f"{r['predicted_kv_bytes'] / 2**30:.2f} GiB | {r['model_bytes'] / 2**20:.0f} MiB |"
+            f"{r['predicted_kv_bytes'] / 2**30:.2f} GiB | {r['model_bytes'] / 2**20:.0f} MiB | "
+            f"{'-' if buffers is None else f'{buffers / 2**30:.2f} GiB'} | "
+            f"{'-' if over is None or buffers is None else f'{over / total:.2f}'} |"
         )
     out += ["", "By 8k bucket (tok/s read; perplexity of the bucket's tokens):", "", "```"]
     for r in long["results"]:
         out.append(f"{r['kv_type']:5s} tok/s " + " ".join(f"{b['tok_s']:6.1f}" for b in r["tok_s_by_bucket"]))
         out.append(f"{r['kv_type']:5s} ppl   " + " ".join(f"{b['ppl']:6.2f}" for b in r["ppl_by_bucket"]))
     out.append("```")
-    out += _long_read_time_left(long)
-    return out + ["", "![Reading speed and perplexity by position](long_read.png)", ""]
+    out += _long_read_time_left(long, plot.replace(".png", ".json"))
+    return out + ["", f"![Reading speed and perplexity by position]({plot})", ""]
 
 
-def _long_read_time_left(long: dict) -> list[str]:
+def render_short_context(short: dict | None) -> list[str]:
+    """The long read's buckets read again after a short context (`python scripts/short_context.py`)."""
+    if not short:
+        return []
+    out = [
+        f"### The long read's buckets after {short['context']:,} tokens",
+        "",
+        f"Measured by `{short['command']}` on {short['date']} ({short['kv_type']}, G{short['group']} "
+        f"W{short['window']}): each bucket's targets read again with only {short['context']:,} tokens before "
+        "them. Lower in the long read: the depth helped; higher: at that depth the model does worse than with "
+        "a short context, whatever the text.",
+        "",
+        "| bucket from | long read | short context | long / short |",
+        "|---|---|---|---|",
+    ]
+    for b in short["buckets"]:
+        out.append(f"| {b['from']:,} | {b['long']:.2f} | {b['short']:.2f} | {b['long'] / b['short']:.2f} |")
+    return out + [""]
+
+
+def _long_read_time_left(long: dict, name: str) -> list[str]:
     """The time left the product would have shown during each reading, from its chunks' marks."""
     from bench_checkpoints import estimates
 
@@ -455,7 +486,7 @@ def _long_read_time_left(long: dict) -> list[str]:
     return [
         "",
         "The time left the CLI, the page and the API would have shown during the reading (engine/eta.py's cost "
-        "model fed the reading's own progress: `python scripts/bench_checkpoints.py --marks docs/long_read.json`), "
+        f"model fed the reading's own progress: `python scripts/bench_checkpoints.py --marks docs/{name}`), "
         "against the time it then really took, and the average rate's estimate:",
         "",
         "| cache | at | really left (s) | shown (s, error) | average rate's (s, error) |",
