@@ -8,6 +8,13 @@ about a third of the time it really has left. :class:`Clock` fits ``a`` and ``b`
 the reading reached each point (least squares over the steps between them, neither term below zero),
 and starts afresh when a reading resumes from a checkpoint (its first point is where it resumed).
 
+It says nothing until the steps can back a number: two steps fit the two terms exactly, whatever their
+noise, and early in a long reading a noisy slope, carried to the end, can say several times the truth
+(the 100k read's marks, replayed: +288% after two steps). So before :data:`SETTLED` of the reading
+there is no estimate before :data:`CHECKED_STEPS` steps, nor while the fit's own standard error of the time
+left is above :data:`TRUSTED` of it. From there on two steps are enough: a reading that short (a few
+chunks) has little left for a wrong slope to multiply, and it should still say something midway.
+
 One clock a reading, fed the ``(done, total)`` of its progress callback; the CLI's bar and log lines,
 the page's reading events and the API's ``prompt_progress`` all ask it.
 """
@@ -16,10 +23,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-MIN_POINTS = 2  # steps of the reading before any estimate: one step says nothing of the slope
+MIN_STEPS = 2  # steps of the reading before any estimate: one says nothing of the slope
+CHECKED_STEPS = 3  # steps before an early estimate: two fit both terms with nothing to check them
+TRUSTED = 0.2  # the largest standard error of an early time left, as a share of it, that is still shown
+SETTLED = 0.25  # the share of a reading from which the fit is shown without those checks
 
 
 class Clock:
@@ -29,7 +40,7 @@ class Clock:
         self.now = now
         self.points: list[tuple[int, float]] = []  # (tokens done, seconds since the first point)
         self._start: float | None = None
-        self._fit: tuple[float, float] | None = None
+        self._fit: Fit | None = None
 
     def __call__(self, done: int, total: int) -> None:
         """Record that the reading has ``done`` of ``total`` tokens now (a progress callback)."""
@@ -48,8 +59,13 @@ class Clock:
         return self.points[-1][1] if self.points else 0.0
 
     def coefficients(self) -> tuple[float, float] | None:
-        """``(a, b)``: seconds a token, and seconds a token per cell before it; None before two steps."""
-        if len(self.points) <= MIN_POINTS:
+        """``(a, b)``: seconds a token, and seconds a token per cell before it; None before
+        :data:`MIN_STEPS` steps."""
+        fit = self._fitted()
+        return None if fit is None else (fit.a, fit.b)
+
+    def _fitted(self) -> Fit | None:
+        if len(self.points) <= MIN_STEPS:
             return None
         if self._fit is None:
             self._fit = _fit(self.points)
@@ -59,11 +75,17 @@ class Clock:
         """Seconds until ``total`` tokens have been read, from ``done``; None while it cannot tell."""
         if done >= total:
             return 0.0
-        fit = self.coefficients()
+        fit = self._fitted()
         if fit is None:
             return None
-        a, b = fit
-        return max(0.0, a * (total - done) + b / 2 * (total * total - done * done))
+        terms = np.array([total - done, (total * total - done * done) / 2], dtype=np.float64)
+        left = max(0.0, float(terms @ (fit.a, fit.b)))
+        if done >= SETTLED * total:
+            return left
+        if len(self.points) <= CHECKED_STEPS:
+            return None
+        error = float(np.sqrt(max(terms @ fit.covariance @ terms, 0.0)))
+        return left if error <= TRUSTED * left else None
 
     def rate(self) -> float:
         """Tokens a second so far (what the reading has shown, not what is left)."""
@@ -72,7 +94,16 @@ class Clock:
         return (self.points[-1][0] - self.points[0][0]) / self.elapsed
 
 
-def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+@dataclass(frozen=True)
+class Fit:
+    """The cost model's two terms and their covariance (from the steps' residuals)."""
+
+    a: float
+    b: float
+    covariance: np.ndarray
+
+
+def _fit(points: list[tuple[int, float]]) -> Fit:
     """Least squares of each step's seconds on its tokens and its tokens' summed positions; a term that
     comes out below zero (noise, or a reading too short to show the slope) is dropped and the other refit."""
     done = np.array([p[0] for p in points], dtype=np.float64)
@@ -86,7 +117,20 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     except np.linalg.LinAlgError:
         a, b = -1.0, -1.0
     if a >= 0 and b >= 0:
-        return float(a), float(b)
-    if b > 0 and a < 0:  # attention alone
-        return 0.0, float(max(0.0, (took @ span) / max(span @ span, 1e-30)))
-    return float(max(0.0, took.sum() / max(tokens.sum(), 1.0))), 0.0
+        free = [0, 1]
+    elif b > 0 and a < 0:  # attention alone
+        a, b, free = 0.0, max(0.0, (took @ span) / max(span @ span, 1e-30)), [1]
+    else:
+        a, b, free = max(0.0, took.sum() / max(tokens.sum(), 1.0)), 0.0, [0]
+    return Fit(float(a), float(b), _covariance(design, took - design @ (a, b), free))
+
+
+def _covariance(design: np.ndarray, residuals: np.ndarray, free: list[int]) -> np.ndarray:
+    """The fitted terms' covariance, ordinary least squares' (residual variance times the inverse normal
+    matrix) over the ``free`` terms; a term held at zero has none."""
+    used = design[:, free]
+    spare = len(residuals) - len(free)
+    variance = float(residuals @ residuals) / spare if spare > 0 else np.inf
+    covariance = np.zeros((2, 2))
+    covariance[np.ix_(free, free)] = variance * np.linalg.pinv(used.T @ used)
+    return covariance
