@@ -63,6 +63,7 @@ FREE = [
     "Write a letter to a friend about your new bicycle.",
     "Invent a recipe for a soup and explain how to make it.",
 ]
+FREE_WARM_UP = "Write a poem about the sea."
 TRAINED = 8192  # the bundled model's training context
 
 
@@ -78,17 +79,22 @@ def document(model_path: Path, n_tokens: int) -> str:
     return text[: text.rfind("\n\n")]
 
 
-def quote_questions(doc: str, n: int) -> list[str]:
-    """Questions each asking for a paragraph of ``doc`` word for word, by its opening words."""
+def quote_questions(doc: str, n: int) -> tuple[list[str], str]:
+    """Questions each asking for a paragraph of ``doc`` word for word, by its opening words; and one more,
+    about a paragraph none of them asks for (the warm-up's)."""
     paragraphs = [p.strip() for p in doc.split("\n\n") if len(p.split()) >= 25]
     step = max(1, len(paragraphs) // (n + 1))
     picked = paragraphs[step::step][:n]
-    return [f'Quote, word for word, the paragraph that begins "{" ".join(p.split()[:8])}".' for p in picked]
+    ask = 'Quote, word for word, the paragraph that begins "{}".'
+    return [ask.format(" ".join(p.split()[:8])) for p in picked], ask.format(" ".join(paragraphs[0].split()[:8]))
 
 
-def loads(args, doc: str) -> dict[str, list[dict]]:
-    """Each load's requests: messages, and the document (the quote load's) they are about."""
-    questions = quote_questions(doc, args.requests)
+def loads(args, doc: str) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Each load's requests (messages, and the document they are about: the quote load's), and its
+    warm-up: one request of the same kind whose reply none of the measured ones has (llama-server's
+    ngram-mod keeps the n-grams of every request a server has seen, so warming up with the measured
+    requests themselves would have it draft their replies from memory)."""
+    questions, other = quote_questions(doc, args.requests)
     quote = [{"question": q, "document": doc} for q in questions]
     free = [{"messages": [{"role": "user", "content": p}]} for p in FREE[: args.requests]]
     text = pydoc_text()
@@ -98,7 +104,13 @@ def loads(args, doc: str) -> dict[str, list[dict]]:
         ask = f"{passage}\n\nSummarise the text above in a few sentences."
         summary.append({"messages": [{"role": "user", "content": ask}]})
     chosen = {"quote": quote, "free": free, "summary": summary}
-    return {name: chosen[name] for name in args.loads}
+    passage = text[50000 : 50000 + args.summary_chars]
+    warm = {
+        "quote": [{"question": other, "document": doc}],
+        "free": [{"messages": [{"role": "user", "content": FREE_WARM_UP}]}],
+        "summary": [{"messages": [{"role": "user", "content": f"{passage}\n\nSummarise the text above."}]}],
+    }
+    return {name: chosen[name] for name in args.loads}, {name: warm[name] for name in args.loads}
 
 
 # -- the two servers ------------------------------------------------------------------------------------
@@ -112,7 +124,7 @@ class Ours:
     def __init__(self, args) -> None:
         self.folder = tempfile.TemporaryDirectory(prefix="bench-drafts-")  # documents and their states
         extra = ["--parallel", str(args.parallel), "--threads", str(args.threads), "--queue-size", "64"]
-        extra += ["--cache-dir", self.folder.name, "--model", str(args.model)]
+        extra += ["--cache-dir", self.folder.name, "--model", str(args.model), "--kv-type", args.kv_type]
         self.proc, self.url = start_server(*extra, timeout=300, quiet=True)
         self.documents: dict[str, str] = {}
 
@@ -149,6 +161,7 @@ class Peer:
         cells = args.doc_tokens + 1024
         cmd = [str(binary), "-m", str(args.model), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
         cmd += ["-np", str(args.parallel), "-c", str(args.parallel * cells), "-t", str(args.threads), *spec]
+        cmd += ["-ctk", args.kv_type, "-ctv", args.kv_type]
         if args.doc_tokens > TRAINED and args.peer_rope == "yarn":  # its own way past the trained positions
             scale = -(-cells // TRAINED)
             cmd += ["--rope-scaling", "yarn", "--rope-scale", str(scale), "--yarn-orig-ctx", str(TRAINED)]
@@ -208,27 +221,26 @@ def ours_round(server: Ours, work: dict, args, first: bool) -> dict:
     return out
 
 
-def warm_up(server, work: dict, args) -> None:
-    """Each load once, not measured: every slot has read the prompts it will reuse (the quote load's
-    document), so the rounds measure decoding alone."""
-    for requests in work.values():
+def warm_up(server, warm: dict, args) -> None:
+    """Each load's warm-up, not measured: the slots have read the quote load's document."""
+    for requests in warm.values():
         run_load(server, requests, args, 0)
 
 
-def peer_round(binary: Path, spec: list[str], work: dict, args, first: bool) -> dict:
+def peer_round(binary: Path, spec: list[str], work: dict, warm: dict, args, first: bool) -> dict:
     """Every load on llama-server without speculation and with ``spec``, each a server of its own."""
     runs = {}
     for side in ("without", "with") if first else ("with", "without"):
         server = Peer(args, binary, spec if side == "with" else [])
         try:
-            warm_up(server, work, args)
+            warm_up(server, warm, args)
             runs[side] = {name: run_load(server, requests, args, 0) for name, requests in work.items()}
         finally:
             server.close()
     return {name: {side: runs[side][name] for side in runs} for name in work}
 
 
-def best_peer_spec(binary: Path, work: dict, args) -> str:
+def best_peer_spec(binary: Path, work: dict, warm: dict, args) -> str:
     """Of --peer-spec, the fastest on the quote load (the first load given, without one)."""
     if len(args.peer_spec) == 1:
         return args.peer_spec[0]
@@ -237,7 +249,7 @@ def best_peer_spec(binary: Path, work: dict, args) -> str:
     for spec in args.peer_spec:
         server = Peer(args, binary, PEER_SPECS[spec])
         try:
-            warm_up(server, {name: work[name]}, args)
+            warm_up(server, {name: warm[name]}, args)
             speeds[spec] = run_load(server, work[name], args, 0)["tps"]
         finally:
             server.close()
@@ -290,6 +302,7 @@ def main() -> int:
     parser.add_argument("--summary-chars", type=int, default=8000, help="each summary's passage (~2k tokens)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--kv-type", default="f16", help="both servers' K and V cache type")
     parser.add_argument("--model", type=Path, default=None, help="a .gguf (default: the bundled model)")
     parser.add_argument("--no-peer", action="store_true", help="ours only")
     parser.add_argument("--peer-spec", default="ngram-simple,ngram-simple-n3,ngram-map-k-n3,ngram-mod")
@@ -304,25 +317,26 @@ def main() -> int:
     if unknown := [n for n in args.loads if n not in LOADS] + [s for s in args.peer_spec if s not in PEER_SPECS]:
         raise SystemExit(f"unknown: {', '.join(unknown)}; loads: {', '.join(LOADS)}; specs: {', '.join(PEER_SPECS)}")
     args.model = args.model or bundled_model()
-    work = loads(args, document(args.model, args.doc_tokens))
+    work, warm = loads(args, document(args.model, args.doc_tokens))
     binary = None if args.no_peer else build_peer() / "llama-server"
     ours = Ours(args)
     rounds, spec = [], None
     try:
-        warm_up(ours, work, args)
+        warm_up(ours, warm, args)
         if binary is not None:
-            spec = best_peer_spec(binary, work, args)
+            spec = best_peer_spec(binary, work, warm, args)
         for r in range(args.rounds):
             first = r % 2 == 0
             result = {"ours": ours_round(ours, work, args, first)}
             if binary is not None:
-                result["peer"] = peer_round(binary, PEER_SPECS[spec], work, args, not first)
+                result["peer"] = peer_round(binary, PEER_SPECS[spec], work, warm, args, not first)
             rounds.append(result)
             print(f"round {r + 1}/{args.rounds} done at {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
     finally:
         ours.close()
     figures = report(rounds, args, spec)
-    setup = {k: getattr(args, k) for k in ("draft", "rounds", "requests", "clients", "parallel", "doc_tokens")}
+    names = ("draft", "rounds", "requests", "clients", "parallel", "doc_tokens", "kv_type")
+    setup = {k: getattr(args, k) for k in names}
     save(args.json, {"model": args.model.name, **setup, "max_tokens": args.max_tokens, "peer_spec": spec, **figures})
     return 0
 

@@ -831,30 +831,40 @@ def render_beside(beside: dict | None) -> list[str]:
 
 
 def render_drafts(runs: list[dict | None]) -> list[str]:
-    """Decode with and without drafts from the prompt (`python scripts/bench_drafts.py`)."""
+    """Decode with and without drafts from the prompt, ours and llama-server's (`python scripts/bench_drafts.py`)."""
     runs = [r for r in runs if r]
     if not runs:
         return []
     out = ["## Drafts from the prompt (CPU)", ""]
     for run in runs:
         peer = run.get("peer_spec")
+        header = "| load | round | off | on | on / off | drafted kept |"
+        if peer:
+            header += " peer off | peer on | peer on / off | peer kept | ours on / peer on |"
         out += [
             f"Measured by `python scripts/bench_drafts.py` on {run['when']} ({run['model']}; {run['clients']} "
-            f"client(s), --parallel {run['parallel']}, draft up to {run['draft']}, {run['rounds']} rounds of "
-            f"{run['requests']} requests a load, {run['max_tokens']} tokens greedy; the quote load's document "
-            f"{run['doc_tokens']:,} tokens under SelfExtend; llama-server: "
-            f"{'`--spec-type ' + peer + '`' if peer else 'not run'}). Decode tok/s from each server's timings:",
+            f"client(s), --parallel {run['parallel']}, {run.get('kv_type', 'f16')} cache, draft up to {run['draft']}, "
+            f"{run['rounds']} rounds of {run['requests']} requests a load, {run['max_tokens']} tokens greedy; the "
+            f"quote load's document {run['doc_tokens']:,} tokens under SelfExtend; llama-server, built from the same "
+            f"sources: {'`--spec-type ' + peer + '`' if peer else 'not run'}). Decode tok/s from each server's "
+            "timings:",
             "",
-            "| load | round | off | on | on / off | drafted kept |",
-            "|---|---|---|---|---|---|",
+            header,
+            "|---" * header.count(" | ") + "|---|",
         ]
         for load in ("quote", "free", "summary"):
             for row in run.get(load, {}).get("rows", []):
-                out.append(f"| {load} | {row[0]} | {row[1]:.1f} | {row[2]:.1f} | {row[3]:.3f} | {row[4]} |")
-        medians = ", ".join(
-            f"{load} {run[load]['ours_on_off']:.3f}" for load in ("quote", "free", "summary") if load in run
-        )
-        out += ["", f"Medians of the rounds' on / off: {medians}.", ""]
+                line = f"| {load} | {row[0]} | {row[1]:.1f} | {row[2]:.1f} | {row[3]:.3f} | {row[4]} |"
+                if len(row) > 5:
+                    line += f" {row[5]:.1f} | {row[6]:.1f} | {row[7]:.3f} | {row[8]} | {row[9]:.3f} |"
+                out.append(line)
+        medians = []
+        for load in ("quote", "free", "summary"):
+            if load in run:
+                names = {"ours_on_off": "on / off", "peer_on_off": "peer on / off", "ours_vs_peer": "ours / peer"}
+                shown = ", ".join(f"{label} {run[load][key]:.3f}" for key, label in names.items() if key in run[load])
+                medians.append(f"{load}: {shown}")
+        out += ["", f"Medians of the rounds' ratios: {'; '.join(medians)}.", ""]
     return out
 
 

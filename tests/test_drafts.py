@@ -98,12 +98,24 @@ def test_the_draft_length_is_what_makes_the_most_tokens_a_second():
     costs = StepCosts()
     for tokens, seconds in [(1, 1.0), (2, 1.5), (5, 3.0), (9, 5.0), (1, 1.0), (9, 5.0)] * 20:
         costs.took(seconds, tokens)  # a + b * n with a = 0.5, b = 0.5: a token costs the step's fixed part
-    assert costs.ratio == pytest.approx(1.0, rel=0.05)
+    assert costs.cost(2) == pytest.approx(1.5, rel=0.05) and costs.cost(9) == pytest.approx(5.0, rel=0.05)
     assert costs.worth(0.4, 8, 1) == 0  # a token kept 40% of the time does not pay for itself here
     assert 0 < costs.worth(0.95, 8, 1) < 8
     assert costs.worth(0.95, 8, 4) < costs.worth(0.95, 8, 1)  # beside three other slots' tokens, less
     assert StepCosts(fixed=0.0).worth(0.2, 8, 4) == 8  # free: the whole draft
     assert StepCosts(fixed=0.01).worth(0.0, 8, 1) == 0  # never kept: never drafted
+
+
+def test_a_step_of_several_tokens_may_cost_more_than_a_line_from_one_token_says():
+    """A CPU at depth: two tokens cost 2.3x one (another kernel than the one-token decode's), each token
+    more little: a short draft loses, a long one that is mostly kept pays."""
+    costs = StepCosts()
+    for tokens, seconds in [(1, 1.0), (2, 2.3), (1, 1.0), (9, 3.9), (1, 1.0), (5, 3.0)] * 20:
+        costs.took(seconds, tokens)
+    assert costs.cost(1) == 1.0 and costs.cost(2) == pytest.approx(2.3, rel=0.1)
+    assert costs.worth(0.7, 8, 1) == 0  # a short or a doubtful draft costs more than it makes
+    assert costs.worth(0.95, 8, 1) == 8
+    assert costs.worth(0.95, 1, 1) == 0  # one token drafted: the whole jump for one token more
 
 
 def test_a_match_not_drafted_is_scored_against_the_reply():

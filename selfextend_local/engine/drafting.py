@@ -33,54 +33,65 @@ NGRAMS = (4, 3, 2)  # n-gram sizes looked up, longest first: a single token matc
 PRIOR = {4: (2.0, 1.0), 3: (1.5, 1.0), 2: (1.0, 1.0)}  # kept and rejected drafted tokens assumed at first
 FORGET = 0.9  # weight left to the older outcomes at each new one
 RATIO_PRIOR = 0.25  # a drafted token's cost, as a share of a one-token step, until steps have been measured
-RATIO_TRUST = 8.0  # measured spread (in tokens^2) that counts as much as the prior ratio
+RATIO_TRUST = 8.0  # measured spread (in tokens^2) that counts as much as the prior's slope
 STEP_FORGET = 0.97  # weight left to older steps at each new one
 
 
 @dataclass
 class StepCosts:
-    """The time of a step that only generates, as ``a + b * tokens``, fitted from the steps as they come
-    (least squares with older steps forgotten): a drafted token costs ``b / a`` of a step's fixed part.
-    Large where a decode is bound by arithmetic (a CPU with a small model: llama-batched-bench on this
-    project's 2 cores made 1.31x the tokens a second with 4 sequences as with 1, METHOD.md section 6),
-    small where it waits on memory (a large model, a GPU). ``fixed`` replaces the measured ratio (0:
-    drafting costs nothing)."""
+    """What a step that only generates costs, by its tokens, fitted from the steps as they come (older steps
+    forgotten): a one-token step's mean time, and a line ``a + b * tokens`` through the steps of several.
+    Two models, because a step of several tokens takes another path than a one-token decode (llama.cpp's
+    one-token flash attention splits the cache across the threads; a batch goes to the tiled kernels): on
+    this project's 2 cores at 10k cells of an f16 cache two tokens cost 2.3x one and nine 3.9x
+    (scripts/step_cost.py), so a short draft loses where a long one pays, which one line through all the
+    steps cannot say. Until steps of several tokens are measured, the line is the prior: each token costs
+    :data:`RATIO_PRIOR` of a one-token step's fixed part. ``fixed`` replaces it all by ``1 + fixed * tokens``
+    (0: drafting costs nothing)."""
 
     fixed: float | None = None
-    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # weights, n, n^2, t, n*t
+    one: list[float] = field(default_factory=lambda: [0.0, 0.0])  # one-token steps: weights, seconds
+    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # steps of several: weights, n, n^2, t, n*t
 
     def took(self, seconds: float, tokens: int) -> None:
         """A step of ``tokens`` tokens, all generating, took ``seconds``."""
-        w, n, nn, t, nt = (s * STEP_FORGET for s in self.sums)
-        self.sums = [w + 1, n + tokens, nn + tokens * tokens, t + seconds, nt + tokens * seconds]
+        self.one = [s * STEP_FORGET for s in self.one]
+        self.sums = [s * STEP_FORGET for s in self.sums]
+        if tokens == 1:
+            self.one = [self.one[0] + 1, self.one[1] + seconds]
+        else:
+            w, n, nn, t, nt = self.sums
+            self.sums = [w + 1, n + tokens, nn + tokens * tokens, t + seconds, nt + tokens * seconds]
 
-    @property
-    def ratio(self) -> float:
-        """The cost of one token more in a step, over that of a step's fixed part (``b / a``)."""
+    def cost(self, tokens: int) -> float:
+        """A step of ``tokens`` tokens' time, over a one-token step's."""
         if self.fixed is not None:
-            return self.fixed
+            return (1 + self.fixed * tokens) / (1 + self.fixed)
+        weight, seconds = self.one
+        if tokens <= 1 or weight <= 0:
+            return 1.0 if tokens <= 1 else (1 + RATIO_PRIOR * tokens) / (1 + RATIO_PRIOR)
+        single = seconds / weight
+        slope0, level0 = single * RATIO_PRIOR / (1 + RATIO_PRIOR), single / (1 + RATIO_PRIOR)  # the prior line
         w, n, nn, t, nt = self.sums
-        if w == 0:
-            return RATIO_PRIOR
+        if w <= 1e-9:
+            return (level0 + slope0 * tokens) / single
         spread = nn - n * n / w
-        if spread <= 1e-9:
-            return RATIO_PRIOR
-        b = (nt - n * t / w) / spread
-        a = (t - b * n) / w
-        measured = min(max(b / a, 0.0), 10.0) if a > 0 else 10.0
-        return (spread * measured + RATIO_TRUST * RATIO_PRIOR) / (spread + RATIO_TRUST)
+        slope = max((nt - n * t / w) / spread, 0.0) if spread > 1e-9 else slope0
+        slope = (spread * slope + RATIO_TRUST * slope0) / (spread + RATIO_TRUST)
+        at = n / w  # the line passes through the steps' mean, pulled toward the prior's by one step's weight
+        mean = (t + level0 + slope0 * at) / (w + 1)
+        return max(mean + slope * (tokens - at), 1e-9) / single
 
     def worth(self, kept: float, most: int, step: int) -> int:
         """How many tokens to draft, at most ``most``, into a step of ``step`` tokens so far, when each
         drafted token is kept with probability ``kept`` after the one before it was: the length that makes
-        the step's tokens a second the most, ``(step + kept + kept^2 + ...) / (1 + ratio * (step + length))``
+        the step's tokens a second the most, ``(step + kept + kept^2 + ...) / cost(step + length)``
         (beside other slots' tokens a draft slows them all: it pays less)."""
-        ratio = self.ratio
-        best, best_rate, expected, gain = 0, step / (1 + ratio * step), float(step), 1.0
+        best, best_rate, expected, gain = 0, step / self.cost(step), float(step), 1.0
         for length in range(1, most + 1):
             gain *= kept
             expected += gain
-            rate = expected / (1 + ratio * (step + length))
+            rate = expected / self.cost(step + length)
             if rate > best_rate:
                 best, best_rate = length, rate
         return best
