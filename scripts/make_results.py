@@ -196,7 +196,7 @@ def render(raw: dict) -> str:
     out += render_ceiling(_load(DOCS / "ceiling.json")) + render_alternating(_load(DOCS / "ceiling-alternating.json"))
     out += render_fa_op(_load(DOCS / "fa_op.json"))
     out += render_checkpoints(_load(DOCS / "checkpoints.json")) + render_beside(_load(DOCS / "beside.json"))
-    out += render_drafts([_load(DOCS / name) for name in ("drafts.json", "drafts-4.json")])
+    out += render_drafts([_load(DOCS / name) for name in ("drafts.json", "drafts-q8_0.json", "drafts-4.json")])
     out += render_depth(_load(DOCS / "depth.json"))
     return "\n".join(out)
 
