@@ -38,7 +38,7 @@ import httpx
 from bench_peer import build_peer
 from benchlib import median_ratio, save, table
 
-from selfextend_local.engine.settings import default_threads
+from selfextend_local.engine.settings import KV_TYPES, default_threads
 from selfextend_local.paths import bundled_model
 from selfextend_local.tasks.corpus import pydoc_text
 from selfextend_local.tasks.qa import SYSTEM
@@ -302,7 +302,7 @@ def main() -> int:
     parser.add_argument("--summary-chars", type=int, default=8000, help="each summary's passage (~2k tokens)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--kv-type", default="f16", help="both servers' K and V cache type")
+    parser.add_argument("--kv-type", default="f16", choices=KV_TYPES, help="both servers' K and V cache type")
     parser.add_argument("--model", type=Path, default=None, help="a .gguf (default: the bundled model)")
     parser.add_argument("--no-peer", action="store_true", help="ours only")
     parser.add_argument("--peer-spec", default="ngram-simple,ngram-simple-n3,ngram-map-k-n3,ngram-mod")
