@@ -4,6 +4,9 @@ server, and the combinations llama.cpp refuses."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import llama_cpp
@@ -112,6 +115,45 @@ def test_each_type_round_trips_through_the_qa_cache(model, tmp_path, kind):
     other = "f16" if kind != "f16" else "q8_0"
     with DocumentQA(model, DOC, EXTEND, replace(runtime, kv_type=other), GREEDY, cache) as doc:
         assert doc.load() == "ingested"  # another type never takes this entry
+
+
+# In a process of its own (the probe runs once a process): the memory a self-extended q8_0 session of 32k cells
+# holds, and its peak, over what the process held before it, against the cache's own bytes.
+SESSION_MEMORY = """
+import json, sys
+from selfextend_local.engine.memory import kv_bytes_per_cell
+from selfextend_local.engine.planning import Plan
+from selfextend_local.engine.session import Session
+from selfextend_local.engine.settings import RuntimeSettings
+from selfextend_local.locate import load_model
+from selfextend_local.tasks.corpus import long_tokens
+
+def status():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")}
+
+model = load_model()
+tokens = long_tokens(model, 1024)  # a reading's tokens, as qa holds them, before the session
+before = status()
+plan = Plan(16, 1024, "neighbor", "auto", 32768, model.info.n_ctx_train, "test")
+with Session(model, plan, RuntimeSettings(kv_type="q8_0")) as session:
+    session.ingest(tokens)
+    after = status()
+json.dump({"before": before, "after": after, "kv": 32768 * kv_bytes_per_cell(model.info, "q8_0")}, sys.stdout)
+"""
+
+
+def test_a_quantized_session_holds_its_cache_and_little_else():
+    """The K-shift probe of a quantized cache (three small contexts and their logits) runs before the
+    session's cache is made and gives its memory back: a 32k-cell q8_0 session held 64 MiB more than its
+    cache, and peaked 34 MiB above that, while the probe ran beside the cache and kept its heap."""
+    done = subprocess.run([sys.executable, "-c", SESSION_MEMORY], capture_output=True, text=True, check=True)
+    figures = json.loads(done.stdout)
+    held = figures["after"]["VmRSS"] - figures["before"]["VmRSS"]
+    peak = figures["after"]["VmHWM"] - figures["before"]["VmRSS"]
+    mib = 1 << 20
+    assert held < figures["kv"] + 32 * mib, (held / mib, figures["kv"] / mib)
+    assert peak < held + 16 * mib, (peak / mib, held / mib)
 
 
 def test_flash_attention_off_with_a_quantized_v_is_one_line():

@@ -38,3 +38,16 @@ def share_main_arena() -> bool:
         return False
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     return mallopt(M_ARENA_MAX, 1) == 1
+
+
+def give_back() -> None:
+    """Return the heap's free pages to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Blocks under the mmap threshold come from the heap and, freed, stay in the process: the K-shift probe's
+    three small contexts and their logits left about 60 MiB resident beside a 32k-cell q8_0 reading's cache."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import llama_cpp
 import numpy as np
 
+from . import arena
 from .build import patch_level
 from .kvtypes import KV_TYPES
 from .metrics import kl_divergence
@@ -98,6 +99,7 @@ def _decide(model, runtime, version: str) -> KShiftVerdict:
     if runtime.kv_type in ("f16", "f32"):
         return KShiftVerdict(True, None, f"{runtime.kv_type} keys are shifted in place")
     kl, noise = probe(model, runtime)
+    arena.give_back()  # the probe's caches and logits came from the heap: not kept beside the context that asked
     limit = max(MIN_KL, NOISE_FACTOR * noise)
     if kl > limit:
         return KShiftVerdict(

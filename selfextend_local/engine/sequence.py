@@ -47,7 +47,7 @@ class Sequence:
                 raise ModelError(
                     "cannot self-extend {name}: its KV cache does not support position shifts", name=model.path.name
                 )
-            _check_kshift(model, self.runtime)  # before the division probe, which shifts keys too
+            check_kshift(model, self.runtime)  # before the division probe, which shifts keys too
             self.divider = context.divider(plan.division)
 
     @property
@@ -218,8 +218,10 @@ def chunk_size(plan: Plan, batch: int, n_batch: int) -> int:
     return max(1, min(batch, limit, plan.n_ctx, n_batch))
 
 
-def _check_kshift(model, runtime) -> None:
-    """A quantized K cache is self-extended only where its K-shift is safe (:mod:`.kshift`)."""
+def check_kshift(model, runtime) -> None:
+    """A quantized K cache is self-extended only where its K-shift is safe (:mod:`.kshift`). Called before a
+    context is made too: the first check probes in contexts of its own, which would otherwise exist beside
+    the new context's whole KV cache and raise the process's peak memory by their compute buffers."""
     verdict = kshift.check(model, runtime)
     if not verdict.safe:
         fix = "; " + kshift.CRASH_FIX if verdict.crash else ""  # a build that would crash: say what to do

@@ -17,7 +17,7 @@ from .model import Model
 from .planning import Plan, plan_for
 from .sampling import Chunk
 from .scheduler import Scheduler
-from .sequence import Sequence, chunk_size
+from .sequence import Sequence, check_kshift, chunk_size
 from .settings import ExtendSettings, RuntimeSettings
 from .slots import LogitsSink, Progress, Request
 
@@ -31,6 +31,8 @@ class Session(Sequence):
         runtime = runtime or RuntimeSettings()
         if plan.extended and (reason := model.info.extendable_reason):
             raise ModelError("cannot self-extend {name}: {reason}", name=model.path.name, reason=reason)
+        if plan.extended:
+            check_kshift(model, runtime)  # its first probe comes and goes before this context's cache exists
         batch = chunk_size(plan, runtime.batch, runtime.batch)
         context = Context(model, plan.n_ctx, runtime, 1, rope, batch=batch)
         try:
