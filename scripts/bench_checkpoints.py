@@ -5,7 +5,9 @@ without checkpoints (engine/checkpoint.py, at their default interval, into a tem
 which goes first (benchlib). Printed: each reading's seconds and their ratio, the checkpoints written and
 the bytes they wrote; then, for the readings, the time left the product shows (engine/eta.py's cost
 model, fed the reading's own progress as the CLI, the page and the API feed it) at 10, 25, 50, 75 and 90%
-of the reading against the time it then really took, with the average-rate estimate at the same points.
+of the reading against the time it then really took, with the average-rate estimate at the same points
+and the cost model fitted in hindsight to the whole reading (its error is the model's own; the rest of the
+shown estimate's error is the machine's pace changing after the point).
 
     python scripts/bench_checkpoints.py --tokens 32768 --kv-type q8_0 --rounds 1 --out docs/checkpoints.json
 
@@ -56,19 +58,43 @@ def reading(model, tokens: list[int], kv_type: str, checkpoints: Checkpoints | N
 
 
 def estimates(marks: list[tuple[int, float]], total: int) -> list[dict]:
-    """At each point of the reading: the time left the cost model says, the average rate's, and the truth."""
+    """At each point of the reading: the time left the cost model says, the average rate's, the same cost
+    model fitted in hindsight to the whole reading (what is left when the machine's pace does not change
+    midway: the model's own error), and the truth."""
     clock, rows, end = Clock(), [], marks[-1][1]
+    hindsight = Clock()
+    for done, at in marks:
+        hindsight.mark(done, at)
     points = list(POINTS)
     for done, at in marks:
         clock.mark(done, at)
         if points and done >= points[0] * total and done < total:
             shown = clock.seconds_left(done, total)
             linear = (total - done) / (done / at) if at > 0 else None
-            rows.append({"at": points.pop(0), "done": done, "shown": shown, "linear": linear, "true": end - at})
+            fitted = hindsight.seconds_left(done, total)
+            row = {"at": points.pop(0), "done": done, "shown": shown, "linear": linear, "hindsight": fitted}
+            rows.append(row | {"true": end - at})
     return rows
 
 
-HEADER = ["round", "reading", "at", "left really (s)", "left shown (s)", "error", "average rate's (s)", "its error"]
+HEADER = [
+    "round",
+    "reading",
+    "at",
+    "left really (s)",
+    "left shown (s)",
+    "error",
+    "average rate's (s)",
+    "its error",
+    "whole reading's fit (s)",
+    "its error",
+]
+
+
+def _row(e: dict) -> list:
+    """The table's columns after the reading's name: the point, the truth, and each estimate with its error."""
+    estimates_ = [_left(e[key], e["true"]) for key in ("shown", "linear", "hindsight")]
+    return [f"{e['at']:.0%}", e["true"], *(x for pair in estimates_ for x in pair)]
 
 
 def time_left_of(path: Path) -> int:
@@ -79,8 +105,7 @@ def time_left_of(path: Path) -> int:
         total = result.get("tokens") or marks[-1][0]
         name = f"{result['kv_type']} {result.get('kernel', '')} {total:,}".replace("  ", " ")
         for e in estimates(marks, total):
-            shown, linear = _left(e["shown"], e["true"]), _left(e["linear"], e["true"])
-            rows.append([1, name, f"{e['at']:.0%}", e["true"], *shown, *linear])
+            rows.append([1, name, *_row(e)])
         if first := first_shown(marks, total):
             print(f"{name}: first time left shown at {first[0]:.1%} of the reading, {first[1]:+.1%} off")
     table(HEADER, rows)
@@ -143,8 +168,7 @@ def main() -> int:
     for i, pair in enumerate(pairs):
         for side, run in zip(("without", "with"), pair):
             for e in estimates(run["marks"], args.tokens):
-                shown, linear = _left(e["shown"], e["true"]), _left(e["linear"], e["true"])
-                clock_rows.append([i + 1, side, f"{e['at']:.0%}", e["true"], *shown, *linear])
+                clock_rows.append([i + 1, side, *_row(e)])
     table(HEADER, clock_rows)
     save(
         args.out,
