@@ -1,13 +1,17 @@
 """What a draft's verification costs at depth: one sequence holding --depth tokens of the long-read text,
 the time of one ``llama_decode`` of n generating tokens (every row's logits, as a drafted step asks), for
-each n in --sizes, the order alternating each round; medians, and each over n = 1's.
+each n in --sizes, the order alternating each round; medians, and each over n = 1's. With --kernels, each
+size under each CPU flash-attention kernel in turn (GGML_CPU_FA_KERNEL, read at every op: gqa is patch
+0005's tiles, tiled patch 0003's, which sends a batch under 64 tokens to the per-row kernel).
 
     python scripts/step_cost.py --depth 10000 --kv-type q8_0
+    python scripts/step_cost.py --depth 10000 --kv-type f16 --sizes 1,2,3,5,9 --kernels gqa,tiled
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -20,8 +24,10 @@ def main() -> int:
     parser.add_argument("--kv-type", default="q8_0")
     parser.add_argument("--sizes", default="1,2,3,4,5,9,17")
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--kernels", default=None, help="e.g. gqa,tiled: each size under each kernel in turn")
     args = parser.parse_args()
     sizes = [int(n) for n in args.sizes.split(",")]
+    kernels = args.kernels.split(",") if args.kernels else [None]
 
     import llama_cpp
 
@@ -41,17 +47,22 @@ def main() -> int:
         context = session.context
         memory = llama_cpp.llama_get_memory(context.ctx)
         at = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1  # positions are grouped under SelfExtend
-        times: dict[int, list[float]] = {n: [] for n in sizes}
+        times: dict[tuple[str | None, int], list[float]] = {(k, n): [] for k in kernels for n in sizes}
         for round_ in range(args.rounds):
-            for n in sizes if round_ % 2 else sizes[::-1]:
-                began = time.perf_counter()
-                context.decode([Span(tokens[args.depth : args.depth + n], at, 0, "all")])
-                times[n].append(time.perf_counter() - began)
-                llama_cpp.llama_memory_seq_rm(memory, 0, at, -1)
-    one = float(np.median(times[sizes[0]]))
-    print(f"{args.kv_type}, {args.depth:,} tokens before the step:")
-    for n, took in times.items():
-        print(f"  n={n:<3d} {np.median(took) * 1e3:7.1f} ms  ({np.median(took) / one:.2f}x n={sizes[0]})")
+            for kernel in kernels if round_ % 2 else kernels[::-1]:
+                if kernel is not None:
+                    os.environ["GGML_CPU_FA_KERNEL"] = kernel
+                for n in sizes if round_ % 2 else sizes[::-1]:
+                    began = time.perf_counter()
+                    context.decode([Span(tokens[args.depth : args.depth + n], at, 0, "all")])
+                    times[kernel, n].append(time.perf_counter() - began)
+                    llama_cpp.llama_memory_seq_rm(memory, 0, at, -1)
+    for kernel in kernels:
+        one = float(np.median(times[kernel, sizes[0]]))
+        print(f"{args.kv_type}, {args.depth:,} tokens before the step" + (f", {kernel} kernel:" if kernel else ":"))
+        for n in sizes:
+            took = np.median(times[kernel, n])
+            print(f"  n={n:<3d} {took * 1e3:7.1f} ms  ({took / one:.2f}x n={sizes[0]})")
     return 0
 
 
