@@ -28,7 +28,7 @@ def share_main_arena() -> bool:
     from its heap rather than fresh mappings; True when it was set.
 
     A user's own ``MALLOC_ARENA_MAX`` (or a glibc tunable naming arenas) is left to rule."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return False
     if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
@@ -45,9 +45,13 @@ def give_back() -> None:
 
     Blocks under the mmap threshold come from the heap and, freed, stay in the process: the K-shift probe's
     three small contexts and their logits left about 60 MiB resident beside a 32k-cell q8_0 reading's cache."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"

@@ -346,11 +346,11 @@ class Engine:
         """``n_slots`` sequences of ``cells`` KV cells each in a context of their own; ``prompt_cache``
         bytes of host memory keep the prompts of slots that move on (:mod:`.promptcache`; 0: none)."""
         runtime = runtime or RuntimeSettings()
+        # the K-shift's first check probes in contexts of its own: before this one's cache exists, not beside it
+        extendable = model.info.extendable_reason is None and kshift.check(model, runtime).safe
         # room for a whole prompt chunk beside one generated token a slot and its longest draft: a sequence
         # is read in the chunks it would be read in alone, so its grouping (and its output) does not depend on
         # its neighbours (a decode holds n_ubatch tokens at most whatever n_batch is: no memory for this room)
-        # the K-shift's first check probes in contexts of its own: before this one's cache exists, not beside it
-        extendable = model.info.extendable_reason is None and kshift.check(model, runtime).safe
         context = Context(model, cells, runtime, n_slots, batch=runtime.batch + n_slots * (1 + MAX_DRAFT))
         try:
             if extendable:
