@@ -139,6 +139,8 @@ def main() -> int:
     parser.add_argument("--marks", type=Path, help="a long_read.py JSON: its readings' time left, no reading")
     args = parser.parse_args()
     if args.marks:
+        if not args.marks.is_file():
+            parser.error(f"--marks: {args.marks} is not a file; name a long_read.py or ceiling.py JSON")
         return time_left_of(args.marks)
     model = load_model()
     tokens = long_tokens(model, args.tokens)

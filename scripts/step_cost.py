@@ -28,6 +28,8 @@ def main() -> int:
     args = parser.parse_args()
     sizes = [int(n) for n in args.sizes.split(",")]
     kernels = args.kernels.split(",") if args.kernels else [None]
+    if unknown := [k for k in kernels if k not in (None, "gqa", "tiled")]:
+        parser.error(f"--kernels: {', '.join(unknown)} is not a kernel; name gqa and/or tiled")
 
     import llama_cpp
 
