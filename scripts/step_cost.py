@@ -1,11 +1,12 @@
 """What a draft's verification costs at depth: one sequence holding --depth tokens of the long-read text,
 the time of one ``llama_decode`` of n generating tokens (every row's logits, as a drafted step asks), for
 each n in --sizes, the order alternating each round; medians, and each over n = 1's. With --kernels, each
-size under each CPU flash-attention kernel in turn (GGML_CPU_FA_KERNEL, read at every op: gqa is patch
-0005's tiles, tiled patch 0003's, which sends a batch under 64 tokens to the per-row kernel).
+size under each CPU flash-attention kernel in turn (GGML_CPU_FA_KERNEL, read at every op: gqa is patches
+0005 and 0006, short batches scored with the cells as vector lanes; gqa-gemm patch 0005's tiles alone;
+tiled patch 0003's, which sends a batch under 64 tokens to the per-row kernel).
 
     python scripts/step_cost.py --depth 10000 --kv-type q8_0
-    python scripts/step_cost.py --depth 10000 --kv-type f16 --sizes 1,2,3,5,9 --kernels gqa,tiled
+    python scripts/step_cost.py --depth 10000 --kv-type f16 --sizes 1,2,3,5,9 --kernels gqa-gemm,gqa
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import time
 
 import numpy as np
+
+KERNELS = ("gqa", "gqa-gemm", "tiled")  # GGML_CPU_FA_KERNEL's values
 
 
 def main() -> int:
@@ -28,8 +31,8 @@ def main() -> int:
     args = parser.parse_args()
     sizes = [int(n) for n in args.sizes.split(",")]
     kernels = args.kernels.split(",") if args.kernels else [None]
-    if unknown := [k for k in kernels if k not in (None, "gqa", "tiled")]:
-        parser.error(f"--kernels: {', '.join(unknown)} is not a kernel; name gqa and/or tiled")
+    if unknown := [k for k in kernels if k not in (None, *KERNELS)]:
+        parser.error(f"--kernels: {', '.join(unknown)} is not a kernel; name any of {', '.join(KERNELS)}")
 
     import llama_cpp
 

@@ -6,7 +6,7 @@ cache in tiles, and a K-shift of the moved cells only.
     selfextend-local build-llama                  # after installing the tool from a wheel or with pipx
 
 The sdist is fetched by pip (so pip's index settings apply), the patches in ``patches/`` are applied,
-the package version gets a local label (``0.3.36+selfextend.6``: ``llama_cpp.__version__`` then says which
+the package version gets a local label (``0.3.36+selfextend.7``: ``llama_cpp.__version__`` then says which
 build, and which of the patches, is loaded), and pip builds the wheel, honouring ``CMAKE_ARGS`` (``-DGGML_CUDA=on``,
 ``-DGGML_METAL=on``) exactly as ``pip install llama-cpp-python`` does. The wheel is kept in a cache
 keyed by the version, the patches, ``CMAKE_ARGS`` and the Python and platform, so a second install costs

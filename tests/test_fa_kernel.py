@@ -1,4 +1,5 @@
-"""Flash attention on a quantized KV cache (patches/0003) and in tiles of a GQA group (patches/0005): our
+"""Flash attention on a quantized KV cache (patches/0003), in tiles of a GQA group (patches/0005) and for
+short batches in those tiles (patches/0006): our
 kernels against the stock per-row one on the same K and V, op by op, through ggml's own library (the one
 llama-cpp-python loads), on this CPU.
 
@@ -17,7 +18,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from selfextend_local.engine.build import GQA_TILED_FA, TILED_QUANTIZED_FA, patch_level
+from selfextend_local.engine.build import GQA_SHORT_FA, GQA_TILED_FA, TILED_QUANTIZED_FA, patch_level
 from selfextend_local.evaluation.fa_op import attention
 
 pytestmark = pytest.mark.skipif(
@@ -53,6 +54,37 @@ def test_the_gqa_kernel_gives_the_f16_tiles_attention(n_q):
     """f16 takes the tiled kernel in every build from 64 tokens on (Q in F32, as ours)."""
     tiled, ours = attention("f16", n_q, 1000, "1", "tiled"), attention("f16", n_q, 1000, "1", "gqa")
     assert 0 < relative_error(ours, tiled) < 1e-5
+
+
+short_path = pytest.mark.skipif(
+    patch_level(llama_cpp.__version__) < GQA_SHORT_FA, reason="a build without the short-batch path"
+)
+
+
+@short_path
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("n_q", [2, 5])  # 6 and 15 rows of a KV head's 3 query heads: under 16, the short path
+@pytest.mark.parametrize("holes", [False, True])
+def test_the_short_batch_path_gives_the_gqa_gemms_attention(kind, n_q, holes):
+    """patch 0006 against patch 0005 alone (GGML_CPU_FA_KERNEL=gqa-gemm); 1000 cells end in a part of a tile."""
+    gemm = attention(kind, n_q, 1000, "1", "gqa-gemm", holes=holes)
+    ours = attention(kind, n_q, 1000, "1", "gqa", holes=holes)
+    assert 0 < relative_error(ours, gemm) < 1e-5
+
+
+@short_path
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_a_one_token_decode_on_a_quantized_cache_takes_the_short_path(kind):
+    stock = attention(kind, 1, 1000, "0")
+    split = attention(kind, 1, 1000, "1", "gqa-gemm")
+    ours = attention(kind, 1, 1000, "1", "gqa")
+    assert 0 < relative_error(ours, stock) < 1e-5
+    assert not np.array_equal(ours, split)  # another path than the split-KV one
+
+
+@short_path
+def test_a_one_token_decode_on_an_f16_cache_keeps_the_split_path():
+    assert np.array_equal(attention("f16", 1, 1000, "1", "gqa"), attention("f16", 1, 1000, "1", "gqa-gemm"))
 
 
 def test_q4_1_keeps_the_per_row_prefill():

@@ -4,17 +4,20 @@ is installed."""
 
 from __future__ import annotations
 
-LABEL = "selfextend.6"  # the local version label of our builds; bump when the patches change
+LABEL = "selfextend.7"  # the local version label of our builds; bump when the patches change
 TILED_QUANTIZED_FA = 3  # the level whose flash attention reads a quantized KV cache in tiles
 KSHIFT_MOVED_CELLS = 4  # the level whose K-shift rotates only the cells that moved
 GQA_TILED_FA = 5  # the level whose flash attention reads a GQA group's query heads in one tile
+GQA_SHORT_FA = 7  # the level whose GQA tiles score a short batch with the cells as vector lanes
 
 
 def patch_level(version: str) -> int:
     """Which of our patch sets a build carries: 0 for a stock build, 1 for the seq_div fix alone, 2 with the
     quantized K-shift fix too, 3 with flash attention on a quantized KV cache at F16's speed too, 4 with a
     K-shift that rotates only the cells that moved too, 5 with flash attention in tiles of a GQA group's
-    query heads too, 6 with those tiles' GEMMs blocked for AVX-512 (the same output, faster at depth)."""
+    query heads too, 6 with those tiles' GEMMs blocked for AVX-512 (the same output, faster at depth), 7 with
+    short batches (drafted tokens; a one-token decode on a quantized cache) scored with the cells as vector
+    lanes."""
     _, _, label = version.partition("+selfextend.")
     return int(label) if label.isdigit() else 0
 
