@@ -17,7 +17,7 @@ the n-gram found by a dict lookup instead of a scan of the whole history each st
 linear (one dict, filled in C loops), a step costs a lookup per n-gram size.
 
 How many tokens to draft is what makes the most tokens a second (:meth:`StepCosts.worth`): a drafted token
-costs a share of a step (measured: :class:`StepCosts`, one per model), and is kept with a probability
+costs a share of a step (measured: :class:`StepCosts`, one per model and band of depth), and is kept with a probability
 learned from this request's own drafts, by the length of the n-gram they came from. A match that is not
 drafted is still scored against the tokens that come, so the estimate follows the reply (free writing, then
 a quote). No match, no draft: writing with nothing to copy decodes one token a step, as without drafts.
@@ -43,11 +43,11 @@ class StepCosts:
     forgotten): a one-token step's mean time, and a line ``a + b * tokens`` through the steps of several.
     Two models, because a step of several tokens takes another path than a one-token decode (llama.cpp's
     one-token flash attention splits the cache across the threads; a batch goes to the tiled kernels): on
-    this project's 2 cores at 10k cells of an f16 cache two tokens cost 2.3x one and nine 3.9x
-    (scripts/step_cost.py), so a short draft loses where a long one pays, which one line through all the
-    steps cannot say. Until steps of several tokens are measured, the line is the prior: each token costs
-    :data:`RATIO_PRIOR` of a one-token step's fixed part. ``fixed`` replaces it all by ``1 + fixed * tokens``
-    (0: drafting costs nothing)."""
+    this project's 2 cores at 10k cells of an f16 cache two tokens cost 1.3-1.6x one and nine 2.8-3.7x with
+    patch 0006 (2.1-2.3x and 3.1-3.4x without; scripts/step_cost.py), so a short draft can lose where a long
+    one pays, which one line through all the steps cannot say. Until steps of several tokens are measured,
+    the line is the prior: each token costs :data:`RATIO_PRIOR` of a one-token step's fixed part. ``fixed``
+    replaces it all by ``1 + fixed * tokens`` (0: drafting costs nothing)."""
 
     fixed: float | None = None
     one: list[float] = field(default_factory=lambda: [0.0, 0.0])  # one-token steps: weights, seconds
@@ -96,14 +96,39 @@ class StepCosts:
                 best, best_rate = length, rate
         return best
 
+    def at(self, depth: int) -> StepCosts:
+        """These costs, whatever the depth (a caller that measures one depth)."""
+        return self
+
+
+@dataclass
+class CostsByDepth:
+    """A :class:`StepCosts` for each band of depth (the cells before a step, by powers of two): what a
+    drafted token costs moves with the depth, for attention's share of a step grows with it and a step of
+    several tokens takes another kernel than a one-token step. On 2 cores, f16 cache: nine tokens cost about
+    4x one after 300 cells and 2.8-3.7x after 10,000 (scripts/step_cost.py); one set of costs for both drafted
+    in free writing near the start what only a quote deep in a document pays for (bench_drafts: 0.87x). ``fixed`` as
+    :class:`StepCosts`' for every band."""
+
+    fixed: float | None = None
+    bands: dict[int, StepCosts] = field(default_factory=dict)
+
+    def at(self, depth: int) -> StepCosts:
+        costs = self.bands.setdefault(max(depth, 1).bit_length(), StepCosts())
+        costs.fixed = self.fixed
+        return costs
+
+    def took(self, seconds: float, tokens: int, depth: int) -> None:
+        self.at(depth).took(seconds, tokens)
+
 
 _COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def costs_for(model) -> StepCosts:
-    """The model's :class:`StepCosts`, shared by all its contexts (made on first use)."""
+def costs_for(model) -> CostsByDepth:
+    """The model's :class:`CostsByDepth`, shared by all its contexts (made on first use)."""
     if model not in _COSTS:
-        _COSTS[model] = StepCosts()
+        _COSTS[model] = CostsByDepth()
     return _COSTS[model]
 
 
@@ -111,7 +136,7 @@ class Drafter:
     """The drafts of one request, of at most ``most`` tokens, from ``tokens`` (its prompt) and the tokens
     it generates (:meth:`add`)."""
 
-    def __init__(self, tokens: Sequence[int], most: int, costs: StepCosts) -> None:
+    def __init__(self, tokens: Sequence[int], most: int, costs: StepCosts | CostsByDepth) -> None:
         self.tokens = list(tokens)
         self.most = most
         self.costs = costs
@@ -151,7 +176,8 @@ class Drafter:
             return []
         n, follow = found
         kept, rejected = self.outcomes[n]
-        length = self.costs.worth(kept / (kept + rejected), min(limit, len(follow)), step)
+        costs = self.costs.at(len(self.tokens))  # the cells before this step, about
+        length = costs.worth(kept / (kept + rejected), min(limit, len(follow)), step)
         if length == 0:
             if self.watched is None:
                 self.watched = (n, follow, 0)

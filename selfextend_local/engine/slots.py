@@ -475,7 +475,8 @@ class Engine:
         generating = sum(1 for slot, _ in spans if slot.next_token is not None)
         self.budget.took(seconds, generating, pieces)
         if generating == len(spans):
-            self.draft_costs.took(seconds, sum(len(span.tokens) for _, span in spans))
+            depth = max(len(slot.sequence.tokens) for slot, _ in spans)  # the deepest slot's attention leads
+            self.draft_costs.took(seconds, sum(len(span.tokens) for _, span in spans), depth)
         self.steps += 1
         first = 0
         for slot, span in spans:
