@@ -7,7 +7,9 @@ the bytes they wrote; then, for the readings, the time left the product shows (e
 model, fed the reading's own progress as the CLI, the page and the API feed it) at 10, 25, 50, 75 and 90%
 of the reading against the time it then really took, with the average-rate estimate at the same points
 and the cost model fitted in hindsight to the whole reading (its error is the model's own; the rest of the
-shown estimate's error is the machine's pace changing after the point).
+shown estimate's error is the machine's pace changing after the point), and the cost model started from the
+ratio of its two terms that the reading before it ended with (engine/paces.py keeps it per setup: what a
+second reading of the same setup shows).
 
     python scripts/bench_checkpoints.py --tokens 32768 --kv-type q8_0 --rounds 1 --out docs/checkpoints.json
 
@@ -16,12 +18,14 @@ scripts/ceiling.py JSON (their chunks' marks), e.g. the 100k-token read, split i
 checkpoints.
 
     python scripts/bench_checkpoints.py --marks docs/long_read.json
+    python scripts/bench_checkpoints.py --marks docs/ceiling.json --prior-from docs/long_read.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -57,24 +61,36 @@ def reading(model, tokens: list[int], kv_type: str, checkpoints: Checkpoints | N
     return out
 
 
-def estimates(marks: list[tuple[int, float]], total: int) -> list[dict]:
+def estimates(marks: list[tuple[int, float]], total: int, prior: float | None = None) -> list[dict]:
     """At each point of the reading: the time left the cost model says, the average rate's, the same cost
     model fitted in hindsight to the whole reading (what is left when the machine's pace does not change
-    midway: the model's own error), and the truth."""
-    clock, rows, end = Clock(), [], marks[-1][1]
+    midway: the model's own error), the cost model started from ``prior`` (the ratio an earlier reading of
+    the same setup left, as engine/paces.py keeps it: what a second reading shows), and the truth."""
+    clock, primed, rows, end = Clock(), Clock(prior=prior), [], marks[-1][1]
     hindsight = Clock()
     for done, at in marks:
         hindsight.mark(done, at)
     points = list(POINTS)
     for done, at in marks:
         clock.mark(done, at)
+        primed.mark(done, at)
         if points and done >= points[0] * total and done < total:
             shown = clock.seconds_left(done, total)
             linear = (total - done) / (done / at) if at > 0 else None
             fitted = hindsight.seconds_left(done, total)
             row = {"at": points.pop(0), "done": done, "shown": shown, "linear": linear, "hindsight": fitted}
+            row["primed"] = primed.seconds_left(done, total) if prior is not None else None
             rows.append(row | {"true": end - at})
     return rows
+
+
+def ratio_of(marks: list[tuple[int, float]]) -> float | None:
+    """The ratio of the cost model's two terms fitted to a whole reading (what engine/paces.py keeps)."""
+    clock = Clock()
+    for done, at in marks:
+        clock.mark(done, at)
+    fitted = clock.coefficients()
+    return fitted[1] / fitted[0] if fitted and fitted[0] > 0 and fitted[1] > 0 else None
 
 
 HEADER = [
@@ -88,23 +104,36 @@ HEADER = [
     "its error",
     "whole reading's fit (s)",
     "its error",
+    "from the last reading's ratio (s)",
+    "its error",
 ]
 
 
 def _row(e: dict) -> list:
     """The table's columns after the reading's name: the point, the truth, and each estimate with its error."""
-    estimates_ = [_left(e[key], e["true"]) for key in ("shown", "linear", "hindsight")]
+    estimates_ = [_left(e.get(key), e["true"]) for key in ("shown", "linear", "hindsight", "primed")]
     return [f"{e['at']:.0%}", e["true"], *(x for pair in estimates_ for x in pair)]
 
 
-def time_left_of(path: Path) -> int:
-    """The time-left table of each reading in a long_read.py or ceiling.py JSON that kept its marks."""
-    rows, figures = [], json.loads(path.read_text())
+def readings_of(path: Path) -> list[tuple[str, list, int]]:
+    """The readings of a long_read.py or ceiling.py JSON that kept their marks: name, marks, tokens."""
+    out, figures = [], json.loads(path.read_text())
     for result in figures.get("results") or figures.get("runs", []):  # long_read.py's, or ceiling.py's
         marks = [tuple(m) for m in result.get("marks", []) if m[0] > 0]
-        total = result.get("tokens") or marks[-1][0]
-        name = f"{result['kv_type']} {result.get('kernel', '')} {total:,}".replace("  ", " ")
-        for e in estimates(marks, total):
+        if marks:
+            total = result.get("tokens") or marks[-1][0]
+            out.append((f"{result['kv_type']} {result.get('kernel', '')} {total:,}".replace("  ", " "), marks, total))
+    return out
+
+
+def time_left_of(path: Path, prior_from: Path | None = None) -> int:
+    """The time-left table of each reading in a long_read.py or ceiling.py JSON that kept its marks; with
+    ``prior_from``, started from the ratio of that file's readings too (their median)."""
+    ratios = [r for _, marks, _ in readings_of(prior_from) if (r := ratio_of(marks))] if prior_from else []
+    prior = statistics.median(ratios) if ratios else None
+    rows = []
+    for name, marks, total in readings_of(path):
+        for e in estimates(marks, total, prior):
             rows.append([1, name, *_row(e)])
         if first := first_shown(marks, total):
             print(f"{name}: first time left shown at {first[0]:.1%} of the reading, {first[1]:+.1%} off")
@@ -122,6 +151,16 @@ def first_shown(marks: list[tuple[int, float]], total: int) -> tuple[float, floa
     return None
 
 
+def _json_file(path: Path) -> bool:
+    if not path.is_file():  # (not /dev/zero: it never ends)
+        return False
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _left(estimate: float | None, true: float) -> tuple:
     """An estimate of the time left and its error against the truth (dashes while there is none)."""
     if estimate is None:
@@ -137,11 +176,13 @@ def main() -> int:
     parser.add_argument("--every", type=float, default=CHECKPOINT_SECONDS, help="seconds between checkpoints")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--marks", type=Path, help="a long_read.py JSON: its readings' time left, no reading")
+    parser.add_argument("--prior-from", type=Path, help="with --marks: another such JSON, whose ratio primes the clock")
     args = parser.parse_args()
     if args.marks:
-        if not args.marks.is_file():
-            parser.error(f"--marks: {args.marks} is not a file; name a long_read.py or ceiling.py JSON")
-        return time_left_of(args.marks)
+        for name, path in (("--marks", args.marks), ("--prior-from", args.prior_from)):
+            if path is not None and not _json_file(path):
+                parser.error(f"{name}: {path} is not a JSON file; name a long_read.py or ceiling.py JSON")
+        return time_left_of(args.marks, args.prior_from)
     model = load_model()
     tokens = long_tokens(model, args.tokens)
     with tempfile.TemporaryDirectory(prefix="bench-checkpoints-") as tmp:
@@ -166,11 +207,12 @@ def main() -> int:
     table(["round", "without (s)", "with (s)", "with/without", "checkpoints", "MiB written", "writing (s)"], rows)
     ratio = median_ratio([(a["seconds"], b["seconds"]) for a, b in pairs])
     print(f"median with/without: {ratio:.3f} ({args.tokens:,} tokens, {args.kv_type}, every {args.every:g} s)")
-    clock_rows = []
+    clock_rows, prior = [], None
     for i, pair in enumerate(pairs):
-        for side, run in zip(("without", "with"), pair):
-            for e in estimates(run["marks"], args.tokens):
+        for side, run in zip(("without", "with"), pair):  # each reading primed by the one before it
+            for e in estimates(run["marks"], args.tokens, prior):
                 clock_rows.append([i + 1, side, *_row(e)])
+            prior = ratio_of(run["marks"])
     table(HEADER, clock_rows)
     save(
         args.out,

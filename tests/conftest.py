@@ -8,6 +8,8 @@ import pytest
 
 # Tests never reach the internet: the hub points at a closed local port unless a test starts its own.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+# Nor keep what readings cost (engine/paces.py): a test's time left never depends on the tests before it.
+os.environ["SELFEXTEND_LOCAL_PACES"] = ""
 
 
 # SELFEXTEND_TEST_GPU_LAYERS=99 runs the engine tests with the model offloaded (a CUDA or Metal build).

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import click
 
 from ..engine.eta import Clock
+from ..engine.paces import Pace
 
 
 def log(message: str) -> None:
@@ -118,7 +119,9 @@ class IngestProgress:
     work starts, then one every ``every`` seconds ($SELFEXTEND_LOCAL_PROGRESS_SECONDS, default 10) and one
     at the end, each with done/total, the rate and the time left. With ``costly`` (a prompt read: each
     token costs more than the one before it) the time left comes from the reading's cost model
-    (:class:`~..engine.eta.Clock`), else from the rate so far (files of a batch cost alike).
+    (:class:`~..engine.eta.Clock`), else from the rate so far (files of a batch cost alike). With a ``pace``
+    (:mod:`..engine.paces`) the cost model starts from what earlier readings of the setup said, and a
+    reading that ends here leaves its own.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class IngestProgress:
         rate_unit: str = "tok/s",
         per_minute: bool = False,
         costly: bool = True,
+        pace: Pace | None = None,
     ) -> None:
         self.label = label
         self.unit = unit
@@ -139,7 +143,8 @@ class IngestProgress:
         self.done = 0
         self.printed = float("-inf")
         self.every = progress_seconds()
-        self.clock = Clock() if costly else None
+        self.pace = pace if costly else None
+        self.clock = (pace.clock() if pace is not None else Clock()) if costly else None
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
@@ -154,6 +159,9 @@ class IngestProgress:
             self.printed = now
         self.done = done
         if done >= total:
+            if self.pace is not None and self.clock is not None:
+                self.pace.record(self.clock, total)
+                self.pace = None  # once
             self.close()
 
     def rate(self, done: int, now: float) -> float:
@@ -252,12 +260,14 @@ def stats_line(chunk, plan_text: str) -> str:
     )
 
 
-def render_stream(make_chunks: Callable[[IngestProgress, StopFlag], Iterable], label: str = "ingesting"):
+def render_stream(
+    make_chunks: Callable[[IngestProgress, StopFlag], Iterable], label: str = "ingesting", pace: Pace | None = None
+):
     """Stream the chunks' text to stdout, with the ingestion bar on stderr and Ctrl-C stopping the reply.
 
     Returns the last chunk (its counts, timings and finish reason), or None.
     """
-    progress = IngestProgress(label)
+    progress = IngestProgress(label, pace=pace)
     last = None
     with ctrl_c_stops() as stop:
         try:

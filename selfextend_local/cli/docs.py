@@ -39,10 +39,11 @@ def _read(doc) -> str:
     """Read (or restore) the document with a bar, saying where a resumed reading starts and, on Ctrl-C, how
     far it got and whether the same command resumes it."""
     from ..engine.errors import Interrupted
+    from ..engine.paces import pace_of
 
     if doc.checkpoints is not None:
         doc.checkpoints.on_restore = say_resuming
-    progress = IngestProgress("reading document")
+    progress = IngestProgress("reading document", pace=pace_of(doc.session))
     try:
         with ctrl_c_stops() as stop:
             return doc.load(progress, stop)
@@ -60,7 +61,10 @@ def _warn(doc) -> None:
 
 
 def _answer(qa, question: str) -> None:
-    last = render_stream(lambda progress, stop: qa.ask(question, progress, stop), "reading document")
+    from ..engine.paces import pace_of
+
+    ask = lambda progress, stop: qa.ask(question, progress, stop)  # noqa: E731
+    last = render_stream(ask, "reading document", pace_of(qa.session))
     if last is not None:
         note(stats_line(last, qa.session.plan.describe()))
     _warn(qa)

@@ -123,6 +123,7 @@ def generate(prompt, file, raw, system, checkpointing, model, runtime, extend, s
     checkpointed as it goes: interrupted (Ctrl-C, a crash), the same command resumes it."""
     from ..engine.errors import Interrupted
     from ..engine.generate import stream_generate
+    from ..engine.paces import pace_of
     from ..engine.session import open_session
 
     text = _read_prompt(prompt, file)
@@ -139,7 +140,8 @@ def generate(prompt, file, raw, system, checkpointing, model, runtime, extend, s
             last = render_stream(
                 lambda progress, stop: stream_generate(
                     session, tokens, sampling, progress, stop, checkpoints=checkpoints
-                )
+                ),
+                pace=pace_of(session),
             )
         except Interrupted as exc:
             if checkpoints is None:

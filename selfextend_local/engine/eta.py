@@ -15,6 +15,15 @@ there is no estimate before :data:`CHECKED_STEPS` steps, nor while the fit's own
 left is above :data:`TRUSTED` of it. From there on two steps are enough: a reading that short (a few
 chunks) has little left for a wrong slope to multiply, and it should still say something midway.
 
+With a ``prior`` (the ratio ``b / a`` that earlier readings of the same setup ended with, kept by
+:mod:`.paces`) the clock takes the ratio from it, moved toward the reading's own as the reading goes (by
+the square of the share read), and the pace ``a`` from all the time so far. The ratio is what a reading's
+first quarter gets wrong (a stretch of slow chunks steepens it: +25.6% at 25% of a 32k reading whose
+whole-reading fit is within 0.4% there); the pace, an average over everything read, is what moves with
+the machine. Replayed on the marks of the readings stored in docs/, each primed by the ratio of another
+reading of the same setup, the worst error at 25% of a reading fell from 26.1% to 11.1% (a 12k reading; 10.1%
+for 32k and longer). ``scripts/bench_checkpoints.py`` prints the primed estimate beside the shown one.
+
 One clock a reading, fed the ``(done, total)`` of its progress callback; the CLI's bar and log lines,
 the page's reading events and the API's ``prompt_progress`` all ask it.
 """
@@ -36,8 +45,9 @@ SETTLED = 0.25  # the share of a reading from which the fit is shown without tho
 class Clock:
     """The times a reading reached each point, and the time it has left by the fitted cost model."""
 
-    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, now: Callable[[], float] = time.perf_counter, prior: float | None = None) -> None:
         self.now = now
+        self.prior = prior  # attention's term over the weights' (b / a) from earlier readings, if known
         self.points: list[tuple[int, float]] = []  # (tokens done, seconds since the first point)
         self._start: float | None = None
         self._fit: Fit | None = None
@@ -79,6 +89,8 @@ class Clock:
         if fit is None:
             return None
         terms = np.array([total - done, (total * total - done * done) / 2], dtype=np.float64)
+        if self.prior is not None:
+            return max(0.0, float(terms @ self._paced(self._ratio(fit, done / total))))
         left = max(0.0, float(terms @ (fit.a, fit.b)))
         if done >= SETTLED * total:
             return left
@@ -86,6 +98,21 @@ class Clock:
             return None
         error = float(np.sqrt(max(terms @ fit.covariance @ terms, 0.0)))
         return left if error <= TRUSTED * left else None
+
+    def _ratio(self, fit: Fit, share: float) -> float:
+        """The prior's ratio moved toward the reading's own by the square of the share read (geometrically:
+        ratios are scales), the prior's alone while the reading's fit lacks either term."""
+        if fit.a <= 0 or fit.b <= 0:
+            return self.prior
+        weight = share * share
+        return float(np.exp((1 - weight) * np.log(self.prior) + weight * np.log(fit.b / fit.a)))
+
+    def _paced(self, ratio: float) -> tuple[float, float]:
+        """``(a, b)`` with ``b = ratio * a`` and ``a`` the pace of everything read so far."""
+        (first, _), (last, seconds) = self.points[0], self.points[-1]
+        work = (last - first) + ratio * (last * last - first * first) / 2
+        a = seconds / work if work > 0 else 0.0
+        return a, ratio * a
 
     def rate(self) -> float:
         """Tokens a second so far (what the reading has shown, not what is left)."""

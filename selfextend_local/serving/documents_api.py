@@ -37,6 +37,7 @@ from fastapi import APIRouter, Request
 from ..engine.errors import SelfExtendError, cut
 from ..engine.kvcache import tokens_digest
 from ..engine.memory import kv_bytes_per_cell
+from ..engine.paces import pace_for
 from ..engine.planning import Plan
 from ..engine.settings import SamplingSettings
 from ..engine.slots import Held
@@ -248,8 +249,10 @@ class Documents:
                 request.checkpoints = cache.checkpoints(server.checkpoint_every)
             request.progress, request.on_error = reading.progress, reading.failed
             request.on_start = lambda: _note_memory(reading, request)
-            request.on_finish = lambda: (reading.finished(), release())
             server.serving.plan(request)
+            pace = pace_for(server.model.path, server.runtime, request.plan)
+            reading.clock = pace.clock()  # from earlier readings of the setup; a whole reading leaves its own
+            request.on_finish = lambda: (pace.record(reading.clock, reading.total), reading.finished(), release())
             if not server.serving.admit():
                 raise APIError(429, "the server is busy: the request queue is full; retry shortly", code="queue_full")
         except Exception as exc:

@@ -30,6 +30,7 @@ from ..engine.eta import Clock
 from ..engine.grammar import ReplyError
 from ..engine.kvcache import KVCache
 from ..engine.model import Model
+from ..engine.paces import pace_for
 from ..engine.scheduler import ServingThread
 from ..engine.settings import CHECKPOINT_SECONDS, DRAFT, ExtendSettings, RuntimeSettings
 from ..engine.slots import Request as EngineRequest
@@ -225,14 +226,23 @@ class Call:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    def wire(self, request: EngineRequest, progress: bool = False) -> EngineRequest:
-        """Route ``request``'s events here (with ``progress``, the prompt's too)."""
+    def wire(self, request: EngineRequest, progress: bool = False, server: Server | None = None) -> EngineRequest:
+        """Route ``request``'s events here (with ``progress``, the prompt's too: its time left from the
+        ``server``'s earlier readings of the same setup, :mod:`..engine.paces`, and it leaves its own)."""
         request.on_chunk = request.on_error = self._put
         request.on_finish = lambda: self._put(None)
         request.on_start = lambda: self._put(STARTED)
         if progress:
             began = time.perf_counter()
-            clock = Clock()
+            clock, pace = Clock(), None
+
+            def start() -> None:  # the request has its slot, and its plan: the setup is known
+                nonlocal clock, pace
+                if server is not None and request.plan is not None:
+                    pace = pace_for(server.model.path, server.runtime, request.plan)
+                    clock = pace.clock()
+                self._put(STARTED)
+                report(request.reused, len(request.prompt))
 
             def report(done: int, total: int) -> None:
                 now = time.perf_counter()
@@ -240,9 +250,10 @@ class Call:
                 left = clock.seconds_left(done, total)
                 eta = None if left is None else int(left * 1000)
                 self._put(Progress(total, request.reused, done, int((now - began) * 1000), eta))
+                if done >= total and pace is not None:
+                    pace.record(clock, total)
 
-            request.progress = report
-            request.on_start = lambda: (self._put(STARTED), report(request.reused, len(request.prompt)))
+            request.progress, request.on_start = report, start
         return request
 
     async def next(self):

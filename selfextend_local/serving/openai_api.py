@@ -260,7 +260,7 @@ async def begin(
     extend, sampling = settings or await off_loop(server, settings_for, req, server)
     call = Call(asyncio.get_running_loop(), naming_for(req, tool))
     engine_request = EngineRequest(tokens, sampling, extend, held=held)
-    call.wire(engine_request, progress=req.stream and req.return_progress)
+    call.wire(engine_request, progress=req.stream and req.return_progress, server=server)
     if finished is not None:
         wired = engine_request.on_finish
         engine_request.on_finish = lambda: (wired(), finished())
