@@ -195,8 +195,12 @@ def render(raw: dict) -> str:
     out += render_kshift(_load(DOCS / "kshift.json"))
     out += render_ceiling(_load(DOCS / "ceiling.json")) + render_alternating(_load(DOCS / "ceiling-alternating.json"))
     out += render_fa_op(_load(DOCS / "fa_op.json"))
-    out += render_checkpoints(_load(DOCS / "checkpoints.json")) + render_beside(_load(DOCS / "beside.json"))
-    out += render_drafts([_load(DOCS / name) for name in ("drafts.json", "drafts-q8_0.json", "drafts-4.json")])
+    out += render_checkpoints(_load(DOCS / "checkpoints.json"))
+    out += render_checkpoints(_load(DOCS / "checkpoints-32k.json"), "checkpoints-32k.json")
+    out += render_beside(_load(DOCS / "beside.json"))
+    drafts = ("drafts-short.json", "drafts-short-q8_0.json", "drafts-short-4.json", "drafts.json", "drafts-q8_0.json")
+    drafts += ("drafts-4.json",)
+    out += render_drafts([_load(DOCS / name) for name in drafts])
     out += render_depth(_load(DOCS / "depth.json"))
     return "\n".join(out)
 
@@ -764,15 +768,17 @@ def render_fa_op(op: dict | None) -> list[str]:
     return out + [""]
 
 
-def render_checkpoints(cp: dict | None) -> list[str]:
+def render_checkpoints(cp: dict | None, name: str = "checkpoints.json") -> list[str]:
     """A long reading with and without checkpoints, and its time left (`python scripts/bench_checkpoints.py`)."""
+    from bench_checkpoints import HEADER
+
     if not cp:
         return []
     out = [
         f"## A long reading's checkpoints and time left: {cp['tokens']:,} tokens, {cp['kv_type']} (CPU)",
         "",
         f"Measured by `python scripts/bench_checkpoints.py --tokens {cp['tokens']} --kv-type {cp['kv_type']} "
-        f"--rounds {len(cp['rounds'])} --out docs/checkpoints.json` on {cp['when']}: SelfExtend G16 W1024, "
+        f"--rounds {len(cp['rounds'])} --out docs/{name}` on {cp['when']}: SelfExtend G16 W1024, "
         f"checkpoints every {cp['every']:g} s (the default), the two readings alternating; the median of the "
         f"rounds' with / without is {cp['ratio']:.3f}.",
         "",
@@ -788,11 +794,14 @@ def render_checkpoints(cp: dict | None) -> list[str]:
     out += [
         "",
         "The time left shown (the reading's cost model, as the CLI, the page and the API show it) against the time "
-        "it then really took, and the average rate's estimate beside it:",
+        "it then really took, and beside it the average rate's estimate, the same cost model fitted in hindsight to "
+        "the whole reading (where the run kept it) and, where the run kept it, the cost model started from the "
+        "ratio of its two terms that the reading before it ended with (engine/paces.py: what a second reading of "
+        "the same setup shows):",
         "",
-        "| round | reading | at | really left (s) | shown (s) | error | average rate's (s) | its error |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    width = max(len(row) for row in cp["time_left"])
+    out += ["| " + " | ".join(HEADER[:width]) + " |", "|---" * width + "|"]
     for row in cp["time_left"]:
         cells = [f"{c:.1f}" if isinstance(c, float) else str(c) for c in row]
         out.append("| " + " | ".join(cells) + " |")
