@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -115,6 +116,22 @@ def test_a_read_only_folder_is_no_error_and_loses_nothing(tmp_path):
         assert json.loads(path.read_text()) == {"setup": [5e-4]}
     finally:
         tmp_path.chmod(0o700)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+def test_a_fifo_a_device_or_a_huge_file_is_no_prior_and_no_hang(tmp_path, monkeypatch, kind):
+    path = tmp_path / "paces.json"
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would wait for a writer forever
+    elif kind == "device":
+        path = Path("/dev/zero")  # reading it would never end
+    else:
+        path.write_bytes(b" " * (paces.MAX_BYTES + 1))
+    pace = Pace("setup", path)
+    assert pace.prior() is None and pace.clock().prior is None
+    if kind == "fifo":  # and a finished reading leaves what is there in place
+        pace.record(finished_reading(), 16384)
+        assert path.is_fifo() and [p.name for p in tmp_path.iterdir()] == ["paces.json"]
 
 
 def test_a_folder_in_the_way_is_no_error(tmp_path):

@@ -25,6 +25,7 @@ from .eta import Clock
 PACES_ENV = "SELFEXTEND_LOCAL_PACES"
 MIN_TOKENS = 8192  # a shorter reading's slope is mostly noise: it leaves nothing
 KEPT = 5  # the newest ratios a setup keeps; its prior is their median
+MAX_BYTES = 1 << 20  # far more than any number of setups' ratios: a larger file is not ours
 
 
 def default_path() -> Path | None:
@@ -69,17 +70,18 @@ class Pace:
         read under :data:`MIN_TOKENS` leaves none)."""
         if not clock.points or clock.points[-1][0] < total or total - clock.points[0][0] < MIN_TOKENS:
             return
-        fitted = clock.coefficients()
-        if fitted is None or fitted[0] <= 0 or fitted[1] <= 0:
+        if (ratio := clock.ratio()) is None:
             return
         paces = self._read()
-        paces[self.setup] = ([*paces.get(self.setup, []), fitted[1] / fitted[0]])[-KEPT:]
+        paces[self.setup] = [*paces.get(self.setup, []), ratio][-KEPT:]
         self._write(paces)
 
     def _read(self) -> dict[str, list[float]]:
         if self.path is None:
             return {}
-        try:
+        try:  # a FIFO or a device in its place would never end: only a small regular file is read
+            if not self.path.is_file() or self.path.stat().st_size > MAX_BYTES:
+                return {}
             paces = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
@@ -89,8 +91,8 @@ class Pace:
         return {k: [float(r) for r in v if isinstance(r, (int, float)) and r > 0] for k, v in kept.items()}
 
     def _write(self, paces: dict[str, list[float]]) -> None:
-        if self.path is None:
-            return
+        if self.path is None or (self.path.exists() and not self.path.is_file()):
+            return  # something else is there (a FIFO, a device, a folder): it is not ours to replace
         temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
