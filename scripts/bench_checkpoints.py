@@ -89,8 +89,7 @@ def ratio_of(marks: list[tuple[int, float]]) -> float | None:
     clock = Clock()
     for done, at in marks:
         clock.mark(done, at)
-    fitted = clock.coefficients()
-    return fitted[1] / fitted[0] if fitted and fitted[0] > 0 and fitted[1] > 0 else None
+    return clock.ratio()
 
 
 HEADER = [

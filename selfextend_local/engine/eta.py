@@ -74,6 +74,12 @@ class Clock:
         fit = self._fitted()
         return None if fit is None else (fit.a, fit.b)
 
+    def ratio(self) -> float | None:
+        """``b / a``, the reading's own ratio of its two terms (what :mod:`.paces` keeps); None while either
+        term is not above zero."""
+        fit = self._fitted()
+        return fit.b / fit.a if fit is not None and fit.a > 0 and fit.b > 0 else None
+
     def _fitted(self) -> Fit | None:
         if len(self.points) <= MIN_STEPS:
             return None
@@ -90,7 +96,7 @@ class Clock:
             return None
         terms = np.array([total - done, (total * total - done * done) / 2], dtype=np.float64)
         if self.prior is not None:
-            return max(0.0, float(terms @ self._paced(self._ratio(fit, done / total))))
+            return max(0.0, float(terms @ self._paced(self._ratio(done / total))))
         left = max(0.0, float(terms @ (fit.a, fit.b)))
         if done >= SETTLED * total:
             return left
@@ -99,13 +105,14 @@ class Clock:
         error = float(np.sqrt(max(terms @ fit.covariance @ terms, 0.0)))
         return left if error <= TRUSTED * left else None
 
-    def _ratio(self, fit: Fit, share: float) -> float:
+    def _ratio(self, share: float) -> float:
         """The prior's ratio moved toward the reading's own by the square of the share read (geometrically:
         ratios are scales), the prior's alone while the reading's fit lacks either term."""
-        if fit.a <= 0 or fit.b <= 0:
+        own = self.ratio()
+        if own is None:
             return self.prior
         weight = share * share
-        return float(np.exp((1 - weight) * np.log(self.prior) + weight * np.log(fit.b / fit.a)))
+        return float(np.exp((1 - weight) * np.log(self.prior) + weight * np.log(own)))
 
     def _paced(self, ratio: float) -> tuple[float, float]:
         """``(a, b)`` with ``b = ratio * a`` and ``a`` the pace of everything read so far."""
